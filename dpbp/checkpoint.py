@@ -1,0 +1,100 @@
+"""Checkpoints: one file per stage plus the run's state, written atomically at epoch ends.
+
+Each process writes the stages it owns (`stage{k}.pt`: module weights and buffers, optimizer state)
+and the process of the last stage writes `run.pt` (epochs done, metrics so far). Files are written
+to a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact; they
+are loaded with `weights_only=True`.
+
+What resumes exactly: anything whose in-flight state is empty at an epoch end, i.e. algo=bp (any
+K). A decoupled run (ddg, fr, fdg with K > 1) holds in-flight batches, stashed weights and error
+gradients across the epoch boundary that these files do not contain yet, so resuming one is
+refused rather than silently continuing from a different state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpbp.errors import ConfigError
+
+FORMAT = "dpbp-checkpoint-1"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(directory: Path, stages, state, cfg) -> None:
+    """Write this process's stages (and the run state, if it holds the last stage)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for s in stages:
+        _atomic_save({
+            "format": FORMAT,
+            "stage": s.index,
+            "modules": s.num_stages,
+            "algo": cfg.algo.name,
+            "model": cfg.model,
+            "epoch": state.epoch,
+            "module": s.module.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "updates": s.stats.updates,
+        }, directory / f"stage{s.index}.pt")
+        if s.last:
+            _atomic_save({"format": FORMAT, **asdict(state)}, directory / "run.pt")
+
+
+def find(resume: bool | str, run_dir: Path) -> Path:
+    """The checkpoint directory that `resume=...` names (true: this run directory's own)."""
+    if resume is True:
+        path = run_dir / "checkpoints"
+    else:
+        path = Path(str(resume)).expanduser()
+        if (path / "checkpoints").is_dir():
+            path = path / "checkpoints"
+    if not (path / "run.pt").is_file():
+        raise ConfigError(f"no checkpoint to resume from in {path}; start without resume=... "
+                          "or point resume= at a run directory that has checkpoints/.")
+    return path
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or corrupt file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); "
+                          "it is truncated or not a dpbp checkpoint.") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a dpbp checkpoint.")
+    return obj
+
+
+def load(directory: Path, stages, cfg):
+    """Restore this process's stages in place; return the run state."""
+    from dpbp.train import RunState
+
+    for s in stages:
+        if cfg.algo.name != "bp" and s.num_stages > 1:
+            raise ConfigError(
+                f"resuming algo={cfg.algo.name} with {s.num_stages} modules is not exact yet "
+                "(its in-flight batches are not checkpointed); rerun it without resume.")
+        ck = _load(directory / f"stage{s.index}.pt")
+        if (ck["modules"], ck["algo"], ck["model"]) != (s.num_stages, cfg.algo.name, cfg.model):
+            raise ConfigError(
+                f"checkpoint in {directory} is for algo={ck['algo']} model={ck['model']} with "
+                f"{ck['modules']} modules, not this run's; resume with the same settings.")
+        s.module.load_state_dict(ck["module"])
+        s.optimizer.load_state_dict(ck["optimizer"])
+        s.stats.updates = ck["updates"]
+    run = _load(directory / "run.pt")
+    run.pop("format")
+    return RunState(**run)

@@ -1,0 +1,131 @@
+"""The `dpbp` command: a thin dispatcher in front of one Hydra app per subcommand.
+
+    dpbp train                                   # ResNet-20 on digits, CPU, about a minute
+    dpbp train algo=ddg model=resnet110 data=cifar10 gpus=4
+    dpbp train -m algo=bp,ddg,fdg gpus=2,4       # a sweep: one run directory per job
+    dpbp train --help | --cfg job                # Hydra's own help and config printing
+
+Exit status: 0 done, 1 the run failed, 2 bad input (one sentence on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dpbp.errors import ConfigError
+
+USAGE = """usage: dpbp <command> [KEY=VALUE ...]
+
+commands:
+  train   train a model with bp, ddg, fr or fdg (a Hydra app: overrides, -m sweeps, --help, --cfg)
+
+examples:
+  dpbp train                                       ResNet-20 on digits on the CPU
+  dpbp train algo=fdg gpus=2 device=cpu            FDG, 2 modules in 2 processes
+  dpbp train -m algo=bp,ddg,fdg gpus=2,4           a sweep; then: tensorboard --logdir multirun
+  dpbp train --help                                config groups and keys
+"""
+
+GROUPS = ("algo", "model", "data", "optim", "sched", "experiment")
+_job_failed = False  # set when our own task function fails, to tell it from Hydra's own errors
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("dpbp.conf") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_group_overrides(args: list[str]) -> None:
+    """Name a bad config-group choice in one sentence before Hydra composes anything."""
+    for arg in args:
+        m = re.fullmatch(r"\+?(\w+)=(.*)", arg)
+        if not m or m.group(1) not in GROUPS:
+            continue
+        group, values = m.group(1), m.group(2)
+        values = re.sub(r"^(choice|glob)\((.*)\)$", r"\2", values)
+        options = group_options(group)
+        for value in (v.strip() for v in values.split(",")):
+            if not value or value in options or value == "null" or "*" in value:
+                continue
+            if group == "model":
+                from dpbp.models import build_blocks  # its message says what is wrong
+
+                try:
+                    build_blocks(value, 1, 2)
+                except ConfigError:
+                    raise
+                raise ConfigError(f"model={value} has no config file; use e.g. "
+                                  f"model=resnet20 model.name={value}.")
+            raise ConfigError(f"unknown {group} '{value}'; choose one of {', '.join(options)}.")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    """The `dpbp train` Hydra job: resolve, validate, launch, print the summary."""
+    global _job_failed
+    from rich.console import Console
+
+    from dpbp.config import from_dict, validate
+    from dpbp.launch import launch
+    from dpbp.logs import summary_table
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        rc = from_dict(OmegaConf.to_container(cfg, resolve=True))
+        validate(rc)
+        summary = launch(rc, run_dir)
+    except ConfigError as e:
+        print(f"dpbp: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _job_failed = True
+        print(f"dpbp: interrupted; the last checkpoint is in {run_dir / 'checkpoints'}",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        _job_failed = True
+        print(f"dpbp: run failed: {e}", file=sys.stderr)
+        print(f"dpbp: the last checkpoint (if any) is in {run_dir / 'checkpoints'}; continue "
+              f"with the same command plus resume={run_dir}", file=sys.stderr)
+        raise
+    if summary is None:
+        return None
+    Console(stderr=True).print(summary_table(summary))
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return summary["final_test_acc"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command != "train":
+        print(f"dpbp: unknown command '{command}'; run `dpbp --help` for the commands.",
+              file=sys.stderr)
+        return 2
+    try:
+        check_group_overrides(rest)
+    except ConfigError as e:
+        print(f"dpbp: {e}", file=sys.stderr)
+        return 2
+    sys.argv = [f"{sys.argv[0]} {command}", *rest]
+    try:
+        train_app()
+    except SystemExit as e:
+        if e.code == 1 and not _job_failed:
+            return 2  # Hydra rejected the command line or config (it printed why)
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

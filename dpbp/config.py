@@ -1,0 +1,181 @@
+"""Plain dataclasses for a run, built from the resolved Hydra config, and their validation.
+
+Hydra composes YAML; everything past the CLI sees only these dataclasses (no global state). Every
+check that can fail on bad input lives in `validate`, so errors surface before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpbp.data import DataConfig
+from dpbp.errors import ConfigError
+
+ALGOS = ("bp", "ddg", "fr", "fdg")
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "bp"
+    weights: str = "stash"  # ddg/fdg: stash | live (which weights a delayed gradient is taken at)
+    beta: float = 1.0  # fdg: gradient shrinking per module boundary
+    replicas: int = 1  # data-parallel replicas (dp_fdg); 1 everywhere else
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [150, 225, 275])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    max_steps: int | None = None
+    eval_batch_size: int = 500
+    threads: int | None = 1
+    amp: bool = False
+    channels_last: bool = False
+    checkpoint: bool = True
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class SplitConfig:
+    balance: list[int] | None = None
+    by: str = "flops"  # flops | time
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 60.0
+    backend: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, as plain values."""
+
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: str = "resnet20"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    gpus: int = 1
+    device: str = "auto"
+    executor: str = "dist"
+    seed: int = 0
+    resume: bool | str = False
+
+    @property
+    def modules(self) -> int:
+        """K: the number of modules the model is cut into."""
+        return self.gpus // self.algo.replicas
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"]["shape"] = list(d["data"]["shape"])
+        return d
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, naming an unknown key in one sentence."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {where}.{unknown[0]}; valid keys of {where} are {', '.join(sorted(names))}."
+        )
+    return cls(**values)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from the resolved config dict (Hydra's, minus the `hydra` node)."""
+    d = dict(d)
+    d.pop("hydra", None)
+    model = d.pop("model", "resnet20")
+    if isinstance(model, dict):
+        model = model["name"]
+    data = dict(d.pop("data", {}))
+    if "shape" in data:
+        data["shape"] = tuple(data["shape"])
+    nested = {
+        "algo": _build(AlgoConfig, dict(d.pop("algo", {})), "algo"),
+        "data": _build(DataConfig, data, "data"),
+        "optim": _build(OptimConfig, dict(d.pop("optim", {})), "optim"),
+        "sched": _build(SchedConfig, dict(d.pop("sched", {})), "sched"),
+        "trainer": _build(TrainerConfig, dict(d.pop("trainer", {})), "trainer"),
+        "split": _build(SplitConfig, dict(d.pop("split", {})), "split"),
+        "dist": _build(DistConfig, dict(d.pop("dist", {})), "dist"),
+    }
+    return _build(RunConfig, {**d, **nested, "model": model}, "config")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError, with one sentence that says what to change, for any bad setting."""
+    a, t, o = cfg.algo, cfg.trainer, cfg.optim
+    if a.name not in ALGOS:
+        raise ConfigError(f"unknown algo '{a.name}'; choose one of {', '.join(ALGOS)}.")
+    if a.weights not in ("stash", "live"):
+        raise ConfigError(f"algo.weights must be stash or live, not '{a.weights}'.")
+    if not 0.0 < a.beta <= 1.0:
+        raise ConfigError(f"algo.beta={a.beta} is outside (0, 1]; beta=1 turns shrinking off.")
+    if cfg.gpus < 1:
+        raise ConfigError(f"gpus={cfg.gpus}: need at least one worker (gpus=1 trains on one device).")
+    if a.replicas < 1 or cfg.gpus % a.replicas:
+        raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
+    if cfg.executor not in ("dist", "local"):
+        raise ConfigError(f"executor must be dist or local, not '{cfg.executor}'.")
+    if t.epochs < 1:
+        raise ConfigError(f"trainer.epochs={t.epochs}: train for at least one epoch.")
+    if t.batch_size < 1 or t.eval_batch_size < 1:
+        raise ConfigError("trainer.batch_size and trainer.eval_batch_size must be at least 1.")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps}: use null for no cap, or at least 1.")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"trainer.threads={t.threads}: use null for torch's default or >= 1.")
+    if t.log_every < 1:
+        raise ConfigError("trainer.log_every must be at least 1.")
+    if o.name != "sgd":
+        raise ConfigError(f"unknown optimizer '{o.name}'; dpbp's algorithms use optim=sgd.")
+    if o.lr <= 0 or o.momentum < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.lr must be positive and optim.momentum, optim.weight_decay >= 0.")
+    if cfg.sched.name not in ("multistep", "cosine", "constant"):
+        raise ConfigError(f"unknown sched '{cfg.sched.name}'; use multistep, cosine or constant.")
+    if cfg.sched.warmup_epochs < 0:
+        raise ConfigError("sched.warmup_epochs must be >= 0.")
+    if cfg.split.by not in ("flops", "time"):
+        raise ConfigError(f"split.by must be flops or time, not '{cfg.split.by}'.")
+    if cfg.split.balance is not None and len(cfg.split.balance) != cfg.modules:
+        raise ConfigError(
+            f"split.balance has {len(cfg.split.balance)} entries but the run has {cfg.modules} "
+            f"modules (gpus={cfg.gpus}); give one block count per module."
+        )
+    if cfg.dist.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"dist.backend must be auto, gloo or nccl, not '{cfg.dist.backend}'.")
+    if cfg.dist.timeout_s <= 0:
+        raise ConfigError("dist.timeout_s must be positive.")

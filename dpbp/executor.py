@@ -1,0 +1,165 @@
+"""Run the schedule's instructions on stages: the interpreter and the in-process executor.
+
+`run_program` maps each instruction to a Stage method. It is a generator: when a message it needs
+has not arrived it yields, and whoever drives it retries later. The local executor drives all
+stages' generators round-robin in one process (deterministic, used by tests and single-device
+runs); the dist executor (dist.py) drives one generator per process whose receives block instead.
+The same code therefore computes the same numbers under both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Sequence
+from typing import Protocol
+
+import torch
+
+from dpbp.schedule import (
+    BACKWARD,
+    FORWARD,
+    RECV_ACT,
+    RECV_GRAD,
+    SEND_ACT,
+    SEND_GRAD,
+    STEP,
+    Instr,
+)
+from dpbp.stage import Stage
+
+
+class Transport(Protocol):
+    """How a stage's messages move: (kind, batch) -> tensor, kind is "act" or "grad"."""
+
+    def send(self, kind: str, batch: int, tensor: torch.Tensor) -> None: ...
+
+    def recv(self, kind: str, batch: int) -> torch.Tensor | None: ...
+
+
+class Feed(Protocol):
+    """The data ends of the pipeline: inputs for the first stage, labels for the last."""
+
+    def inputs(self, batch: int) -> torch.Tensor: ...
+
+    def labels(self, batch: int) -> torch.Tensor: ...
+
+
+def run_program(
+    stage: Stage, program: Sequence[Instr], io: Transport, feed: Feed
+) -> Generator[None, None, None]:
+    """Execute `program` on `stage`; yields whenever a needed message is not there yet."""
+    acts: dict[int, torch.Tensor] = {}  # received inputs
+    outs: dict[int, torch.Tensor] = {}  # outputs waiting to be sent up
+    grads: dict[int, torch.Tensor] = {}  # received error gradients
+    dgrads: dict[int, torch.Tensor] = {}  # input gradients waiting to be sent down
+    for ins in program:
+        op, b = ins.op, ins.batch
+        if op == RECV_ACT or op == RECV_GRAD:
+            kind = "act" if op == RECV_ACT else "grad"
+            while (msg := io.recv(kind, b)) is None:
+                yield
+            (acts if op == RECV_ACT else grads)[b] = msg
+        elif op == FORWARD:
+            x = acts.pop(b) if stage.index > 0 else feed.inputs(b)
+            outs[b] = stage.forward(b, x)
+        elif op == SEND_ACT:
+            io.send("act", b, outs.pop(b))
+        elif op == BACKWARD:
+            outs.pop(b, None)  # the last stage's logits are not sent anywhere
+            g = feed.labels(b) if stage.last else grads.pop(b)
+            d = stage.backward(b, g)
+            if d is not None:
+                dgrads[b] = d
+        elif op == SEND_GRAD:
+            io.send("grad", b, dgrads.pop(b))
+        elif op == STEP:
+            stage.step(b)
+        else:  # pragma: no cover - the schedule only emits the ops above
+            raise ValueError(f"unknown instruction {ins}")
+    outs.clear()
+
+
+class Mailbox:
+    """In-process transport: messages are copies (as over a wire), keyed by (kind, batch)."""
+
+    def __init__(self) -> None:
+        self.box: dict[tuple[str, int, int], torch.Tensor] = {}  # (kind, receiver, batch)
+        self.moves = 0  # sends + receives so far: how the local executor sees progress
+
+    def endpoint(self, index: int) -> _MailboxEnd:
+        return _MailboxEnd(self, index)
+
+
+class _MailboxEnd:
+    def __init__(self, mailbox: Mailbox, index: int) -> None:
+        self.mailbox, self.index = mailbox, index
+
+    def send(self, kind: str, batch: int, tensor: torch.Tensor) -> None:
+        dst = self.index + 1 if kind == "act" else self.index - 1
+        self.mailbox.box[(kind, dst, batch)] = tensor.clone()
+        self.mailbox.moves += 1
+
+    def recv(self, kind: str, batch: int) -> torch.Tensor | None:
+        msg = self.mailbox.box.pop((kind, self.index, batch), None)
+        self.mailbox.moves += msg is not None
+        return msg
+
+
+class LocalExecutor:
+    """All stages in one process; ticks in order; deterministic."""
+
+    def __init__(self, stages: Sequence[Stage], feed: Feed) -> None:
+        self.stages = stages
+        self.feed = feed
+        self.mailbox = Mailbox()
+
+    def run(self, programs: Sequence[Sequence[Instr]]) -> None:
+        """Run one program per stage to completion (messages left over stay for the next call)."""
+        gens = [
+            run_program(s, p, self.mailbox.endpoint(s.index), self.feed)
+            for s, p in zip(self.stages, programs)
+        ]
+        active = list(gens)
+        while active:
+            progressed = False
+            for g in list(active):
+                before = self.mailbox.moves
+                try:
+                    next(g)
+                except StopIteration:
+                    active.remove(g)
+                    progressed = True
+                progressed = progressed or self.mailbox.moves != before
+            if not progressed and active:
+                raise RuntimeError("schedule deadlock: every stage waits for a message")
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """Test loss and accuracy over `batches` of (x, y), through all stages in order."""
+        total = Totals()
+        for x, y in batches:
+            for s in self.stages:
+                x = s.evaluate(x)
+            total.add(x, y)
+        return total.result()
+
+
+class Totals:
+    """Summed test loss and correct count, kept on the device until `result` (one sync)."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None
+        self.correct: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct = (logits.argmax(1) == labels).sum()
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.correct = correct if self.correct is None else self.correct + correct
+        self.n += labels.numel()
+
+    def result(self) -> tuple[float, float]:
+        """(mean loss, accuracy)."""
+        if not self.n:
+            return float("nan"), float("nan")
+        return self.loss.item() / self.n, self.correct.item() / self.n
+

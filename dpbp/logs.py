@@ -1,0 +1,135 @@
+"""What a run shows: a rich progress bar and summary table, TensorBoard scalars and hparams.
+
+Only the process holding the last stage logs (it sees the loss). Scalars go against the epoch's
+last step *and* against training wall time: every point's `walltime` is the run's start plus the
+cumulative training seconds (evaluation and checkpoints excluded), so TensorBoard's RELATIVE axis
+shows accuracy versus pure training time and runs of different algorithms overlay directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys with TensorBoard-hparams-friendly values (lists become strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            out[key] = "null" if v is None else v
+        else:
+            out[key] = str(v)
+    return out
+
+
+class RunLogger:
+    """Progress, TensorBoard and the final table for one run."""
+
+    def __init__(self, cfg, run_dir: Path, steps_per_epoch: int, epochs: int,
+                 num_batches: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.steps, self.batch = steps_per_epoch, cfg.trainer.batch_size
+        self.start = time.time()
+        self.writer = SummaryWriter(str(run_dir), flush_secs=30)
+        self.console = Console(stderr=True)
+        self.bar: Progress | None = None
+        self.epochs = epochs
+        self.t0 = time.perf_counter()
+        if cfg.trainer.progress:
+            self.bar = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[ips]:>8.0f} img/s  loss {task.fields[loss]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=False, disable=not self.console.is_terminal,
+            )
+            self.task = self.bar.add_task("train", total=num_batches, epoch=1, epochs=epochs,
+                                          ips=0.0, loss="-")
+            self.bar.start()
+
+    def advance(self, batches_done: int, images_per_second: float, loss: float | None) -> None:
+        """Move the bar to `batches_done` batches (of the whole run)."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=batches_done, ips=images_per_second,
+                            loss="-" if loss is None else f"{loss:.4f}")
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def epoch(self, e, seconds: float) -> None:
+        """Log one epoch's numbers (an EpochLog) to TensorBoard and the console."""
+        step = e.epoch * self.steps
+        wall = self.start + e.train_seconds
+        w = self.writer
+        for tag, v in (("train/loss", e.train_loss), ("train/acc", e.train_acc),
+                       ("test/loss", e.test_loss), ("test/acc", e.test_acc), ("lr", e.lr),
+                       ("time/train_seconds", e.train_seconds),
+                       ("throughput/images_per_second", e.images / max(seconds, 1e-9))):
+            w.add_scalar(tag, v, global_step=step, walltime=wall)
+        line = (f"epoch {e.epoch:3d}  train loss {e.train_loss:.4f} acc {e.train_acc:.4f}  "
+                f"test loss {e.test_loss:.4f} acc {e.test_acc:.4f}  lr {e.lr:.4g}  "
+                f"{e.images / max(seconds, 1e-9):.0f} img/s")
+        self.console.print(line, highlight=False)
+        if self.bar is not None:
+            self.bar.update(self.task, epoch=min(e.epoch + 1, self.epochs))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        metrics = {f"hparam/{k}": summary[k] for k in
+                   ("final_test_acc", "best_test_acc", "final_test_loss", "train_seconds",
+                    "images_per_second")}
+        hp = {k: v for k, v in flat(summary["config"]).items()
+              if not k.startswith(("trainer.progress", "trainer.log_every"))}
+        self.writer.add_hparams(hp, metrics, run_name=".")
+        self.writer.close()
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """summary.json in the run directory, written atomically."""
+    path = run_dir / "summary.json"
+    tmp = path.with_name("summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    t = Table(title=f"dpbp {summary['algo']} {summary['model']} on {summary['data']}",
+              show_header=False)
+    mib = ", ".join(f"{b / 2**20:.1f}" for b in summary["peak_memory_bytes"])
+    rows = [
+        ("status", summary["status"]),
+        ("modules x replicas", f"{summary['modules']} x {summary['replicas']}"
+                               f" (split {summary.get('split')})"),
+        ("parameters", f"{summary['num_parameters']:,}"),
+        ("epochs", str(summary["epochs"])),
+        ("final / best test acc", f"{summary['final_test_acc']:.4f} / "
+                                  f"{summary['best_test_acc']:.4f}"),
+        ("final test loss", f"{summary['final_test_loss']:.4f}"),
+        ("train seconds", f"{summary['train_seconds']:.1f}"),
+        ("images/s", f"{summary['images_per_second']:.0f}"),
+        ("peak memory per module (MiB)", mib),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

@@ -1,0 +1,121 @@
+"""What each module does at each tick, as data.
+
+A schedule is a list of instructions per stage (module) per tick, e.g. for DDG with K=2 at tick 3:
+
+    stage 0:  F3 >A3 <G2 B2 S       forward batch 3, send its activation, receive the error
+    stage 1:  <A3 F3 B3 <G3 S           gradient of batch 2, back-propagate it, step
+                  (and >G3: send the input gradient of batch 3 down)
+
+Both executors run exactly these lists, so the delays are properties of this file alone and
+`format_table` prints them. Messages are named by (kind, batch): activations flow up
+(`>A`/`<A`), error gradients flow down (`>G`/`<G`).
+
+Delays (stage s = 0..K-1, the papers' module k = s+1):
+
+- bp:  every stage forwards and back-propagates batch t at tick t (backward waits for stage s+1
+       inside the tick, so nothing runs concurrently unless K = 1).
+- ddg, fr: forward of batch t passes through all stages at tick t; stage s back-propagates batch
+       t-(K-1-s) with the gradient stage s+1 sent at tick t-1. The last stage has no delay.
+- fdg: stage s forwards batch t-s (stage s-1's output of tick t-1) and back-propagates batch
+       t-s-2(K-1-s), i.e. 2(K-1-s) ticks after that batch's forward here.
+
+Within a tick every stage forwards first, then back-propagates and steps, so the forward of a
+batch reads the weights before this tick's update (DDG's w^{t-K+k} of the analysis).
+
+Pipeline fill: a stage makes no update until its first delayed gradient arrives. End of training:
+forwards are drained (fdg runs K-1 extra ticks so the last stage sees every batch); error
+gradients that would arrive after the last tick are dropped, and so are the sends that carry them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORWARD, BACKWARD, STEP = "F", "B", "S"
+SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = ">A", "<A", ">G", "<G"
+
+
+@dataclass(frozen=True)
+class Instr:
+    op: str
+    batch: int = -1
+
+    def __str__(self) -> str:
+        return self.op if self.op == STEP else f"{self.op}{self.batch}"
+
+
+def delay(algo: str, stage: int, num_stages: int) -> int:
+    """Ticks between the forward of a batch on `stage` and its backward there."""
+    later = num_stages - 1 - stage
+    if algo in ("ddg", "fr"):
+        return later
+    if algo == "fdg":
+        return 2 * later
+    return 0
+
+
+def forward_batch(algo: str, stage: int, tick: int) -> int:
+    """The batch `stage` forwards at `tick` (may be < 0 during fill or >= batches in the drain)."""
+    return tick - stage if algo == "fdg" else tick
+
+
+def num_ticks(algo: str, num_stages: int, num_batches: int) -> int:
+    """Ticks needed for every batch to reach the last stage."""
+    return num_batches + (num_stages - 1 if algo == "fdg" else 0)
+
+
+def _backward_tick(algo: str, stage: int, num_stages: int, batch: int) -> int:
+    return batch + delay(algo, stage, num_stages) + (stage if algo == "fdg" else 0)
+
+
+def tick_program(
+    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
+) -> list[Instr]:
+    """Instructions of `stage` at `tick`; batches outside [0, num_batches) and gradients that
+    would be used at or after `end_tick` are left out."""
+    last = stage == num_stages - 1
+    out: list[Instr] = []
+    b = forward_batch(algo, stage, tick)
+    if 0 <= b < num_batches:
+        if stage > 0:
+            out.append(Instr(RECV_ACT, b))
+        out.append(Instr(FORWARD, b))
+        if not last:
+            out.append(Instr(SEND_ACT, b))
+    # which batch this stage back-propagates now
+    g = b - delay(algo, stage, num_stages)
+    if 0 <= g < num_batches:
+        if not last:
+            out.append(Instr(RECV_GRAD, g))
+        out.append(Instr(BACKWARD, g))
+        # send the input gradient down only if stage-1 will still use it before the end
+        if stage > 0 and _backward_tick(algo, stage - 1, num_stages, g) < end_tick:
+            out.append(Instr(SEND_GRAD, g))
+        out.append(Instr(STEP, g))
+    return out
+
+
+def program(
+    algo: str, stage: int, num_stages: int, ticks: range, num_batches: int, end_tick: int
+) -> list[Instr]:
+    """The instructions of `stage` over a range of ticks, in order."""
+    return [
+        ins
+        for t in ticks
+        for ins in tick_program(algo, stage, num_stages, t, num_batches, end_tick)
+    ]
+
+
+def format_table(algo: str, num_stages: int, num_batches: int, ticks: int | None = None) -> str:
+    """A stage x tick table of the schedule, for debugging and the docs."""
+    end = num_ticks(algo, num_stages, num_batches)
+    ticks = end if ticks is None else ticks
+    cells = [
+        [" ".join(map(str, tick_program(algo, s, num_stages, t, num_batches, end)))
+         for t in range(ticks)]
+        for s in range(num_stages)
+    ]
+    width = max(4, *(len(c) for row in cells for c in row))
+    head = "stage | " + " | ".join(f"t={t}".ljust(width) for t in range(ticks))
+    rows = [f"{s:5d} | " + " | ".join(c.ljust(width) for c in row) for s, row in enumerate(cells)]
+    return "\n".join([head, *rows])

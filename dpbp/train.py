@@ -1,0 +1,359 @@
+"""The run: data, model, split, stages, the epoch loop, evaluation, checkpoints, summary.
+
+`train(cfg, run_dir, ctx)` is called once per process: by the only process of a single-worker or
+`executor=local` run, or by each worker of a distributed run (ctx says which stage it owns). The
+loop is the same for both; only the executor differs.
+
+Time: ticks are global across epochs (the pipeline is not flushed between epochs). Epoch e covers
+the ticks in which the first stage takes the epoch's batches; evaluation and the checkpoint come
+after them, with every module at its current weights. `train_seconds` excludes evaluation and
+checkpoints, so accuracy-versus-time curves of different runs compare directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpbp import checkpoint, schedule
+from dpbp.config import RunConfig
+from dpbp.data import Dataset, batch_generator, epoch_permutation, load_dataset, test_batches
+from dpbp.data import train_batch as make_train_batch
+from dpbp.errors import ConfigError
+from dpbp.executor import LocalExecutor, Totals, run_program
+from dpbp.logs import write_summary
+from dpbp.models import build_blocks
+from dpbp.split import balanced_counts, block_flops, block_times, boundaries, check_balance
+from dpbp.stage import Stage
+
+
+@dataclass
+class WorkerContext:
+    """Where this process sits: all stages (local) or one stage of a distributed pipeline."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    train_seconds: float
+    images: int
+
+
+@dataclass
+class RunState:
+    """What the last stage knows about the run so far (checkpointed with it)."""
+
+    epoch: int = 0  # epochs completed
+    train_seconds: float = 0.0
+    images: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_test_acc: float = 0.0
+
+
+def pick_device(cfg: RunConfig, local_rank: int = 0) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+
+
+def lr_at(cfg: RunConfig, epoch: int) -> float:
+    """Learning rate of `epoch` (0-based): warm-up, then the schedule; constant within an epoch."""
+    s, base = cfg.sched, cfg.optim.lr
+    if epoch < s.warmup_epochs:
+        return base * (epoch + 1) / (s.warmup_epochs + 1)
+    if s.name == "multistep":
+        return base * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.name == "cosine":
+        span = max(cfg.trainer.epochs - s.warmup_epochs, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
+    return base
+
+
+def build_model(cfg: RunConfig, ds: Dataset) -> list[nn.Module]:
+    """The whole model's blocks, initialised from the seed: identical in every process."""
+    torch.manual_seed(cfg.seed)
+    return build_blocks(cfg.model, ds.in_channels, ds.num_classes)
+
+
+def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
+                    device: torch.device) -> list[int]:
+    """Block counts per module: split.balance if given, else balanced by flops or measured time."""
+    k = cfg.modules
+    if cfg.split.balance is not None:
+        return check_balance(cfg.split.balance, len(blocks))
+    if k > len(blocks):
+        balanced_counts([1.0] * len(blocks), k)  # raises the clear error
+    if cfg.split.by == "time":
+        x = torch.randn(cfg.trainer.batch_size, ds.in_channels, ds.image_size, ds.image_size,
+                        device=device)
+        return balanced_counts(block_times([b.to(device) for b in blocks], x), k)
+    x = torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size)
+    return balanced_counts(block_flops(blocks, x), k)
+
+
+def output_shapes(modules: list[nn.Module], ds: Dataset) -> list[tuple[int, ...]]:
+    """Per-sample output shape of each module (fixed once; the transport sizes buffers by it)."""
+    x = torch.zeros(2, ds.in_channels, ds.image_size, ds.image_size)
+    shapes = []
+    with torch.no_grad():
+        for m in modules:
+            m.eval()
+            x = m(x)
+            m.train()
+            shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+class Feed:
+    """Training batches by global batch number: epoch = b // steps, shuffled per epoch by seed.
+
+    Every process computes the same order, so the first stage's inputs and the last stage's labels
+    match without sending labels; augmentation is seeded per batch, so it does not depend on
+    what ran before (resume and every executor see the same batches).
+    """
+
+    def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
+        self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
+        self.steps = ds.train_x.shape[0] // batch_size  # drop_last: boundary shapes stay fixed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _indices(self, batch: int) -> torch.Tensor:
+        epoch, i = divmod(batch, self.steps)
+        if self._perm is None or self._perm[0] != epoch:
+            n = self.ds.train_x.shape[0]
+            self._perm = (epoch, epoch_permutation(n, self.seed, epoch, self.device))
+        return self._perm[1][i * self.batch_size:(i + 1) * self.batch_size]
+
+    def inputs(self, batch: int) -> torch.Tensor:
+        gen = batch_generator(self.seed, batch, self.device)
+        return make_train_batch(self.ds, self._indices(batch), gen)[0]
+
+    def labels(self, batch: int) -> torch.Tensor:
+        return self.ds.train_y[self._indices(batch)]
+
+
+def make_optimizer(cfg: RunConfig, module: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.SGD(module.parameters(), lr=o.lr, momentum=o.momentum,
+                           weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+
+
+def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
+          logger_factory=None) -> dict[str, Any] | None:
+    """Train as configured; return the summary on the process that holds the last stage."""
+    ctx = ctx or WorkerContext()
+    device = pick_device(cfg, ctx.local_rank)
+    if device.type == "cpu" and cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    ds = load_dataset(cfg.data, device, seed=cfg.seed)
+    blocks = build_model(cfg, ds)
+    num_parameters = sum(p.numel() for b in blocks for p in b.parameters())
+    counts = resolve_balance(cfg, blocks, ds, device)
+    modules = [nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
+    shapes = output_shapes(modules, ds)
+    k_total = len(modules)
+    mine = [ctx.rank] if ctx.distributed else list(range(k_total))
+
+    autocast = None
+    if cfg.trainer.amp and device.type == "cuda":
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    stages = []
+    for k in mine:
+        m = modules[k].to(device)
+        if cfg.trainer.channels_last and device.type == "cuda":
+            m = m.to(memory_format=torch.channels_last)
+        stages.append(Stage(m, k, k_total, cfg.algo.name, make_optimizer(cfg, m),
+                            weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast))
+    del modules, blocks
+    last = stages[-1] if stages[-1].last else None
+
+    feed = Feed(ds, cfg.trainer.batch_size, cfg.seed, device)
+    if feed.steps < 1:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
+            f"{ds.train_x.shape[0]} training images; lower it."
+        )
+    total_epochs = cfg.trainer.epochs
+    num_batches = total_epochs * feed.steps
+    if cfg.trainer.max_steps is not None:
+        num_batches = min(num_batches, cfg.trainer.max_steps)
+        total_epochs = math.ceil(num_batches / feed.steps)
+    end_tick = schedule.num_ticks(cfg.algo.name, k_total, num_batches)
+
+    state = RunState()
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.resume:
+        src = checkpoint.find(cfg.resume, run_dir)
+        state = checkpoint.load(src, stages, cfg)
+    executor = Executor(cfg, stages, feed, ctx, shapes, device)
+    log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches) \
+        if (logger_factory and last is not None) else None
+
+    try:
+        for epoch in range(state.epoch, total_epochs):
+            lr = lr_at(cfg, epoch)
+            for s in stages:
+                for g in s.optimizer.param_groups:
+                    g["lr"] = lr
+            first = epoch * feed.steps
+            stop = end_tick if epoch == total_epochs - 1 else (epoch + 1) * feed.steps
+            t0 = time.perf_counter()
+            for t in range(first, stop, cfg.trainer.log_every):
+                t_end = min(t + cfg.trainer.log_every, stop)
+                executor.run(range(t, t_end), num_batches, end_tick)
+                if log is not None:
+                    done = min(t_end, num_batches)
+                    ips = (done - first) * cfg.trainer.batch_size / (time.perf_counter() - t0)
+                    log.advance(done, ips, last.running_loss())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            images = (min((epoch + 1) * feed.steps, num_batches) - first) * cfg.trainer.batch_size
+            state.train_seconds += seconds
+            state.images += images
+            if epoch == total_epochs - 1:
+                for s in stages:
+                    s.drop_pending()  # gradients that would arrive after the last tick
+            test_loss, test_acc = executor.evaluate(
+                test_batches(ds, cfg.trainer.eval_batch_size))
+            state.epoch = epoch + 1
+            if last is not None:
+                train_loss, train_acc = last.take_train_metrics() or (float("nan"),) * 2
+                state.best_test_acc = max(state.best_test_acc, test_acc)
+                entry = EpochLog(epoch + 1, train_loss, train_acc, test_loss, test_acc, lr,
+                                 state.train_seconds, images)
+                state.history.append(entry.__dict__)
+                if log is not None:
+                    log.epoch(entry, seconds)
+            if cfg.trainer.checkpoint:
+                checkpoint.save(ckpt_dir, stages, state, cfg)
+        stats = executor.finish()
+    finally:
+        if log is not None:
+            log.close_progress()
+
+    if last is None:
+        return None
+    final = state.history[-1]
+    summary = {
+        "status": "completed",
+        "algo": cfg.algo.name,
+        "model": cfg.model,
+        "data": cfg.data.name,
+        "gpus": cfg.gpus,
+        "modules": k_total,
+        "replicas": cfg.algo.replicas,
+        "seed": cfg.seed,
+        "epochs": state.epoch,
+        "steps": num_batches,
+        "executor": "local" if not ctx.distributed else "dist",
+        "device": device.type,
+        "num_parameters": num_parameters,
+        "split": counts,
+        "final_test_acc": final["test_acc"],
+        "best_test_acc": state.best_test_acc,
+        "final_test_loss": final["test_loss"],
+        "final_train_loss": final["train_loss"],
+        "train_seconds": state.train_seconds,
+        "images_per_second": state.images / max(state.train_seconds, 1e-9),
+        "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+        "history_memory_bytes": [s["history_bytes"] for s in stats],
+        "compute_seconds": [s["compute_seconds"] for s in stats],
+        "idle_seconds": [s["idle_seconds"] for s in stats],
+        "updates": [s["updates"] for s in stats],
+        "history": state.history,
+        "config": cfg.to_dict(),
+    }
+    if log is not None:
+        log.finish(summary)
+    write_summary(run_dir, summary)
+    return summary
+
+
+class Executor:
+    """Runs tick ranges on this process's stages: all of them (local) or one over P2P (dist)."""
+
+    def __init__(self, cfg: RunConfig, stages: list[Stage], feed: Feed, ctx: WorkerContext,
+                 shapes: list[tuple[int, ...]], device: torch.device) -> None:
+        self.cfg, self.stages, self.feed, self.ctx, self.device = cfg, stages, feed, ctx, device
+        self.shapes = shapes
+        self.busy = 0.0
+        if ctx.distributed:
+            from dpbp import dist as p2p
+
+            ranks = list(range(len(shapes)))
+            self.groups = p2p.make_groups(ranks)
+            b = cfg.trainer.batch_size
+            self.link = p2p.P2P(ctx.rank, ranks, [(b, *s) for s in shapes], device,
+                                torch.float32, self.groups)
+        else:
+            self.local = LocalExecutor(stages, feed)
+
+    def run(self, ticks: range, num_batches: int, end_tick: int) -> None:
+        algo, k = self.cfg.algo.name, len(self.shapes)
+        programs = [schedule.program(algo, s.index, k, ticks, num_batches, end_tick)
+                    for s in self.stages]
+        t0 = time.perf_counter()
+        if self.ctx.distributed:
+            self.link.expect(programs[0])
+            for _ in run_program(self.stages[0], programs[0], self.link, self.feed):
+                raise RuntimeError("a blocking receive returned nothing")
+        else:
+            self.local.run(programs)
+        self.busy += time.perf_counter() - t0
+
+    def evaluate(self, batches) -> tuple[float, float]:
+        if not self.ctx.distributed:
+            return self.local.evaluate(batches)
+        from dpbp import dist as p2p
+
+        totals = Totals()
+        s = self.stages[0]
+        p2p.evaluate_pipeline(s, s.index, len(self.shapes), list(range(len(self.shapes))),
+                              batches, self.shapes, self.groups["eval"], self.device,
+                              torch.float32, totals)
+        return totals.result() if s.last else (float("nan"), float("nan"))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Per-stage statistics, gathered on the process of the last stage."""
+        idle = self.link.idle_seconds if self.ctx.distributed else 0.0
+        mine = []
+        for s in self.stages:
+            cuda_peak = (torch.cuda.max_memory_allocated(self.device)
+                         if self.device.type == "cuda" else None)
+            mine.append({
+                "stage": s.index,
+                "history_bytes": s.stats.peak_bytes,
+                "peak_memory_bytes": cuda_peak if cuda_peak is not None else s.stats.peak_bytes,
+                "compute_seconds": self.busy - idle,
+                "idle_seconds": idle,
+                "updates": s.stats.updates,
+            })
+        if not self.ctx.distributed:
+            if len(mine) > 1:  # one process ran them all: time is not per stage
+                for m in mine:
+                    m["compute_seconds"] = self.busy / len(mine)
+            return mine
+        import torch.distributed as dist
+
+        self.link.flush()
+        everyone: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(everyone, mine)
+        return [m for part in everyone for m in part]
