@@ -27,11 +27,15 @@ FORMAT = "dpbp-checkpoint-1"
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: keep the previous file, leave no half-written one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save(directory: Path, stages, state, cfg) -> None:
@@ -67,7 +71,29 @@ def find(resume: bool | str, run_dir: Path) -> Path:
     return path
 
 
+def _check_exact(algo: str, modules: int) -> None:
+    if algo != "bp" and modules > 1:
+        raise ConfigError(
+            f"resuming algo={algo} with {modules} modules is not exact yet "
+            "(its in-flight batches are not checkpointed); rerun it without resume.")
+
+
+def check_resume(cfg, run_dir: Path) -> Path:
+    """Refuse a resume that `load` would refuse, in the parent: a worker's error exits with 1."""
+    _check_exact(cfg.algo.name, cfg.modules)
+    directory = find(cfg.resume, run_dir)
+    _load(directory / "run.pt")
+    for k in range(cfg.modules):
+        if not (directory / f"stage{k}.pt").is_file():
+            raise ConfigError(f"checkpoint {directory / f'stage{k}.pt'} is missing; resume from "
+                              "a complete checkpoints/ directory, or start without resume.")
+    return directory
+
+
 def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} is missing; resume from a complete checkpoints/ "
+                          "directory, or start without resume.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or corrupt file
@@ -82,19 +108,34 @@ def load(directory: Path, stages, cfg):
     """Restore this process's stages in place; return the run state."""
     from dpbp.train import RunState
 
+    _check_exact(cfg.algo.name, stages[0].num_stages)
+    run = _load(directory / "run.pt")
+    run.pop("format")
     for s in stages:
-        if cfg.algo.name != "bp" and s.num_stages > 1:
-            raise ConfigError(
-                f"resuming algo={cfg.algo.name} with {s.num_stages} modules is not exact yet "
-                "(its in-flight batches are not checkpointed); rerun it without resume.")
-        ck = _load(directory / f"stage{s.index}.pt")
+        path = directory / f"stage{s.index}.pt"
+        ck = _load(path)
         if (ck["modules"], ck["algo"], ck["model"]) != (s.num_stages, cfg.algo.name, cfg.model):
             raise ConfigError(
                 f"checkpoint in {directory} is for algo={ck['algo']} model={ck['model']} with "
                 f"{ck['modules']} modules, not this run's; resume with the same settings.")
-        s.module.load_state_dict(ck["module"])
-        s.optimizer.load_state_dict(ck["optimizer"])
+        # each process writes its own files: a run stopped between two writes leaves stages of
+        # different epochs, and resuming from that mix would silently train a different model
+        if ck["epoch"] != run["epoch"]:
+            raise ConfigError(
+                f"{path} is from epoch {ck['epoch']} but {directory / 'run.pt'} from epoch "
+                f"{run['epoch']} (the run stopped while writing them); rerun without resume.")
+        try:
+            s.module.load_state_dict(ck["module"])
+            s.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # other split.balance or data channels
+            raise ConfigError(
+                f"{path} does not fit module {s.index + 1} of this run ({_first_line(e)}); resume "
+                "with the same split.balance and data.") from None
         s.stats.updates = ck["updates"]
-    run = _load(directory / "run.pt")
-    run.pop("format")
     return RunState(**run)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (load_state_dict lists every key)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -103,6 +103,9 @@ def train_app(cfg: DictConfig) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch `dpbp <command> ...`; return the exit status (0 done, 1 failed, 2 bad input)."""
+    global _job_failed
+    _job_failed = False  # a failure of an earlier call in this process must not mask this one's
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         if e.code == 1 and not _job_failed:
             return 2  # Hydra rejected the command line or config (it printed why)
+        if e.code is None:  # sys.exit() means success
+            return 0
         return e.code if isinstance(e.code, int) else 1
     return 0
 

@@ -7,6 +7,8 @@ check that can fail on bad input lives in `validate`, so errors surface before a
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,14 +102,39 @@ class RunConfig:
         return d
 
 
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether `value` has type `tp`: int, float, bool, str, None, unions, lists/tuples of them."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp in (int, float):  # bool is an int to Python but never a count or a rate here
+        allowed = (int, float) if tp is float else int
+        return isinstance(value, allowed) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        item = typing.get_args(tp)[0]
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    return isinstance(value, origin or tp)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a dict, naming an unknown key in one sentence."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    """Instantiate dataclass `cls` from a dict; name an unknown key or a wrong type in one sentence.
+
+    Types are checked here because Hydra passes `trainer.epochs=abc` through as a string, which
+    would otherwise fail deep inside the run with a TypeError and a traceback.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown setting {where}.{unknown[0]}; valid keys of {where} are {', '.join(sorted(names))}."
-        )
+        raise ConfigError(f"unknown setting {where}.{unknown[0]}; valid keys of {where} are "
+                          f"{', '.join(sorted(fields))}.")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            key = name if where == "config" else f"{where}.{name}"
+            raise ConfigError(f"{key}={value!r} has the wrong type; it must be "
+                              f"{fields[name].type}.")
     return cls(**values)
 
 
@@ -116,10 +143,12 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     d = dict(d)
     d.pop("hydra", None)
     model = d.pop("model", "resnet20")
-    if isinstance(model, dict):
+    if isinstance(model, dict):  # Hydra's model group: {name: ...}; other keys would be ignored
+        if set(model) != {"name"}:
+            raise ConfigError(f"model takes only model.name; got the keys {sorted(model)}.")
         model = model["name"]
     data = dict(d.pop("data", {}))
-    if "shape" in data:
+    if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check
         data["shape"] = tuple(data["shape"])
     nested = {
         "algo": _build(AlgoConfig, dict(d.pop("algo", {})), "algo"),
@@ -143,7 +172,8 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 < a.beta <= 1.0:
         raise ConfigError(f"algo.beta={a.beta} is outside (0, 1]; beta=1 turns shrinking off.")
     if cfg.gpus < 1:
-        raise ConfigError(f"gpus={cfg.gpus}: need at least one worker (gpus=1 trains on one device).")
+        raise ConfigError(f"gpus={cfg.gpus}: need at least one worker "
+                          "(gpus=1 trains on one device).")
     if a.replicas < 1 or cfg.gpus % a.replicas:
         raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
     if cfg.device not in ("auto", "cpu", "cuda"):

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from dpbp.schedule import (
     BACKWARD,
@@ -24,7 +25,7 @@ from dpbp.schedule import (
     STEP,
     Instr,
 )
-from dpbp.stage import Stage
+from dpbp.stage import Stage, full_precision
 
 
 class Transport(Protocol):
@@ -151,7 +152,7 @@ class Totals:
         self.n = 0
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        loss = F.cross_entropy(full_precision(logits), labels, reduction="sum").double()
         correct = (logits.argmax(1) == labels).sum()
         self.loss = loss if self.loss is None else self.loss + loss
         self.correct = correct if self.correct is None else self.correct + correct

@@ -28,12 +28,15 @@ from dpbp.config import RunConfig, from_dict
 from dpbp.errors import ConfigError
 
 
-def preflight(cfg: RunConfig, quiet: bool = False) -> list[int]:
-    """Check devices, data and split in this process; return the block counts per module."""
+def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) -> list[int]:
+    """Check devices, data, split and resume in this process; return the block counts per module."""
+    from dpbp.checkpoint import check_resume
     from dpbp.data import load_dataset
     from dpbp.models import describe_blocks
     from dpbp.train import build_model, pick_device, resolve_balance
 
+    if cfg.resume and run_dir is not None:
+        check_resume(cfg, run_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto.")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -72,7 +75,8 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     if joined and int(os.environ["WORLD_SIZE"]) != cfg.gpus:
         raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes but "
                           f"gpus={cfg.gpus}; make them equal.")
-    cfg.split.balance = preflight(cfg, quiet=joined and os.environ.get("RANK", "0") != "0")
+    cfg.split.balance = preflight(cfg, quiet=joined and os.environ.get("RANK", "0") != "0",
+                                  run_dir=run_dir)
     if joined:
         return worker_main(cfg.to_dict(), str(run_dir), joined=True)
     if cfg.gpus == 1 or cfg.executor == "local":

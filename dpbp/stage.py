@@ -38,6 +38,21 @@ from torch.func import functional_call
 from dpbp.schedule import delay as schedule_delay
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """float32 for autocast's half types; float32/float64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def message(t: torch.Tensor) -> torch.Tensor:
+    """A stage output as it travels: detached, full precision, contiguous (NCHW).
+
+    The layout matters for exactness: a CPU convolution may return channels-last outputs, and the
+    next module computes slightly different sums on a channels-last than on a contiguous input.
+    Every executor hands the next stage the same contiguous tensor, so their numbers agree.
+    """
+    return full_precision(t.detach()).contiguous()
+
+
 @dataclass
 class Pending:
     """What a stage keeps for one batch between its forward and its backward."""
@@ -124,7 +139,7 @@ class Stage:
         self.pending[batch] = p
         self.stats.held_bytes += p.nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.held_bytes)
-        return out.detach().float()  # messages are float32 whatever autocast computed in
+        return message(out)
 
     def _forward_weights(self) -> dict[str, torch.Tensor]:
         if self.stash:
@@ -146,7 +161,7 @@ class Stage:
         out, weights = self._replay(p.x) if self.replay else (p.out, p.weights)
         x = p.x
         if self.last:
-            loss = F.cross_entropy(out.float(), grad)
+            loss = F.cross_entropy(full_precision(out), grad)
             self._count(out, grad, loss)
             target, grad_out = loss, None
         else:
@@ -209,7 +224,7 @@ class Stage:
         with self._autocast():
             out = self.module(x)
         self.module.train()
-        return out
+        return message(out)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (end of training: their gradients are dropped)."""

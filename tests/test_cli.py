@@ -1,0 +1,246 @@
+"""The `dpbp` command: bad input (exit 2, one line, no traceback), help, config printing, real runs.
+
+Most cases call `dpbp.cli.main` in-process (Hydra and all); a handful run the installed entry point
+in a subprocess, to check what a user's shell sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from dpbp import cli
+from dpbp.config import from_dict, validate
+from dpbp.models import build_blocks
+
+SUMMARY_KEYS = {"status", "algo", "model", "data", "gpus", "modules", "replicas", "seed", "epochs",
+                "num_parameters", "final_test_acc", "best_test_acc", "final_test_loss",
+                "train_seconds", "images_per_second", "peak_memory_bytes", "config"}
+
+
+def call_main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`dpbp ARGS` in this process.
+
+    main() rewrites sys.argv for Hydra, and Hydra points the root logger at this test's captured
+    stdout and run directory: restore both, or later tests log into closed streams.
+    """
+    monkeypatch.setattr(sys, "argv", ["dpbp"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return cli.main(args)
+    finally:
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def assert_one_line_error(rc: int, out: str, err: str) -> str:
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dpbp: "), err
+    assert "Traceback" not in out + err
+    return lines[0]
+
+
+# (overrides, words the one line must contain); {tmp} becomes a fresh empty directory
+BAD_INPUT = [
+    (["model=vgg16"], "vgg16"),
+    (["model=resnet40"], "6n+2"),
+    (["algo=foo"], "foo"),
+    (["data=cifar10", "data.root={tmp}", "data.download=false"], "CIFAR-10"),
+    (["gpus=0"], "gpus=0"),
+    (["algo=fdg", "algo.beta=1.5"], "algo.beta=1.5"),
+    (["gpus=20", "executor=local"], "11 blocks"),
+    (["gpus=2", "executor=local", "split.balance=[5,5]"], "split.balance"),
+    (["trainer.epochs=abc"], "trainer.epochs"),
+    (["gpus=two"], "gpus"),
+    (["trainer.max_steps=1.5"], "trainer.max_steps"),
+    (["+model.width=2"], "model"),
+    (["resume=true"], "no checkpoint"),
+    # refused in the parent: a worker's error would exit 1 with a traceback
+    (["algo=ddg", "gpus=2", "resume=true"], "not exact"),
+    (["resume={tmp}"], "no checkpoint"),
+]
+
+
+@pytest.mark.parametrize("overrides, words", BAD_INPUT,
+                         ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line(overrides, words, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    args = [o.replace("{tmp}", str(empty)) for o in overrides]
+    rc = call_main(["train", "device=cpu", "trainer.epochs=1", *args,
+                    f"hydra.run.dir={run_dir}"], monkeypatch)
+    out, err = capsys.readouterr()
+    line = assert_one_line_error(rc, out, err)
+    assert words in line
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_unknown_key_is_hydras_error_mapped_to_2(tmp_path, monkeypatch, capsys):
+    rc = call_main(["train", "trainer.foo=1", f"hydra.run.dir={tmp_path}"], monkeypatch)
+    assert rc == 2
+    assert "trainer.foo" in capsys.readouterr().err
+
+
+def test_an_earlier_failure_does_not_turn_hydra_errors_into_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_job_failed", True)  # as left by a failed run in this process
+    rc = call_main(["train", "trainer.foo=1", f"hydra.run.dir={tmp_path}"], monkeypatch)
+    assert rc == 2
+
+
+def test_unknown_command(monkeypatch, capsys):
+    rc = call_main(["nosuchcommand"], monkeypatch)
+    line = assert_one_line_error(rc, *capsys.readouterr())
+    assert "nosuchcommand" in line
+
+
+def test_real_cli_bad_input(tmp_path):
+    """The installed command: exit statuses as a shell sees them."""
+    r = run_cli("train", "model=vgg16", cwd=tmp_path)
+    assert "vgg16" in assert_one_line_error(r.returncode, r.stdout, r.stderr)
+    r = run_cli("train", "trainer.foo=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    r = run_cli("nosuchcommand", cwd=tmp_path)
+    assert "nosuchcommand" in assert_one_line_error(r.returncode, r.stdout, r.stderr)
+    assert not (tmp_path / "outputs").exists()  # bad input leaves no run directory behind
+
+
+def test_real_cli_cifar_download_fails_fast_offline(tmp_path):
+    # a proxy on a closed local port makes the download fail at once, with or without a network
+    closed = "http://127.0.0.1:9"
+    env = {k: closed for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    env |= {"no_proxy": "", "NO_PROXY": ""}
+    t0 = time.monotonic()
+    r = run_cli("train", "device=cpu", "data=cifar10", f"data.root={tmp_path / 'data'}",
+                "data.download=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                env=env, timeout=120)
+    line = assert_one_line_error(r.returncode, r.stdout, r.stderr)
+    assert "could not download CIFAR-10" in line
+    assert time.monotonic() - t0 < 120
+
+
+def test_top_level_help(monkeypatch, capsys):
+    for args in ([], ["--help"], ["-h"]):
+        assert call_main(args, monkeypatch) == 0
+        out = capsys.readouterr().out
+        assert "train" in out and "usage: dpbp" in out
+
+
+def test_real_cli_help(tmp_path):
+    r = run_cli("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "usage: dpbp" in r.stdout
+
+
+def test_train_help_lists_the_config_groups(monkeypatch, capsys):
+    assert call_main(["train", "--help"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    for group in cli.GROUPS:
+        line = next(ln for ln in groups.splitlines() if ln.startswith(f"{group}: "))
+        assert set(line.split(": ")[1].split(", ")) == set(cli.group_options(group))
+    assert "algo: bp, ddg, fdg, fr" in groups
+
+
+def test_cfg_job_prints_the_whole_config(monkeypatch, capsys):
+    assert call_main(["train", "--cfg", "job", "algo=fdg", "gpus=2"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "algo:" in out and "trainer:" in out
+    printed = yaml.safe_load(out)
+    assert "hydra" not in printed
+    cfg = from_dict(printed)  # complete and valid as printed
+    validate(cfg)
+    assert (cfg.algo.name, cfg.algo.beta, cfg.gpus) == ("fdg", 0.5, 2)
+
+
+def test_sweep_gives_each_job_its_own_directory(tmp_path, monkeypatch, capsys):
+    rc = call_main(["train", "-m", "seed=1,2", "device=cpu", "trainer.epochs=1",
+                    "trainer.max_steps=2", "trainer.batch_size=64", "trainer.progress=false",
+                    f"hydra.sweep.dir={tmp_path}"], monkeypatch)
+    assert rc == 0, capsys.readouterr().err
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in summaries)
+    assert seeds == [1, 2]
+
+
+def read_scalars(run_dir: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def test_real_cli_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    r = run_cli("train", "data=digits", "model=resnet20", "algo=bp", "device=cpu",
+                "trainer.epochs=2", "seed=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
+    assert s["status"] == "completed"
+    assert (s["algo"], s["model"], s["data"], s["seed"], s["epochs"]) == \
+        ("bp", "resnet20", "digits", 3, 2)
+    assert (s["gpus"], s["modules"], s["replicas"]) == (1, 1, 1)
+    assert s["num_parameters"] == sum(p.numel() for b in build_blocks("resnet20", 1, 10)
+                                      for p in b.parameters())
+    for key in ("final_test_acc", "best_test_acc"):
+        assert 0.0 <= s[key] <= 1.0
+    assert s["best_test_acc"] >= s["final_test_acc"]
+    assert math.isfinite(s["final_test_loss"]) and s["final_test_loss"] > 0
+    assert s["train_seconds"] > 0 and s["images_per_second"] > 0
+    assert len(s["peak_memory_bytes"]) == s["modules"]
+    assert all(isinstance(b, int) and b > 0 for b in s["peak_memory_bytes"])
+    cfg = from_dict(s["config"])  # the resolved config, complete
+    assert (cfg.seed, cfg.trainer.epochs, cfg.data.name, cfg.device) == (3, 2, "digits", "cpu")
+    history = s["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["test_acc"] == s["final_test_acc"]
+    assert not list(run_dir.rglob("*.tmp"))
+
+    scalars = read_scalars(run_dir)
+    for tag in ("test/acc", "train/loss", "lr", "time/train_seconds"):
+        assert tag in scalars, sorted(scalars)
+        assert len(scalars[tag]) == 2
+    # every point sits at start + cumulative training seconds (evaluation excluded)
+    walls = [e.wall_time for e in scalars["test/acc"]]
+    seconds = [h["train_seconds"] for h in history]
+    assert walls[1] - walls[0] == pytest.approx(seconds[1] - seconds[0], abs=1e-3)
+    start = walls[0] - seconds[0]
+    assert t0 - 1 <= start <= walls[0]
+    for tag in ("train/loss", "lr", "time/train_seconds"):
+        assert [e.wall_time for e in scalars[tag]] == pytest.approx(walls, abs=1e-6)
+    assert [e.value for e in scalars["time/train_seconds"]] == pytest.approx(seconds, rel=1e-5)
+    assert [e.value for e in scalars["test/acc"]] == \
+        pytest.approx([h["test_acc"] for h in history], rel=1e-6)
+    steps = 1437 // 128  # digits' training images at the default batch size
+    assert s["steps"] == 2 * steps
+    assert [e.step for e in scalars["test/acc"]] == [steps, 2 * steps]
+
+
+def test_real_cli_resnet110_parameter_count(tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", "model=resnet110", "data=synthetic", "data.train_size=256",
+                "data.test_size=64", "trainer.max_steps=2", "trainer.batch_size=32",
+                "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["num_parameters"] == 1727962  # He et al. 2016: 1.7M
+    assert s["status"] == "completed" and s["steps"] == 2
