@@ -1,3 +1,3 @@
-"""dpbp: decoupled parallel backpropagation (BP, DDG, Features Replay, FDG, ...) as an experiment runner."""
+"""dpbp: decoupled parallel backprop (BP, DDG, Features Replay, FDG) as an experiment runner."""
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ The same code therefore computes the same numbers under both.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
@@ -112,6 +113,7 @@ class LocalExecutor:
         self.stages = stages
         self.feed = feed
         self.mailbox = Mailbox()
+        self.seconds = [0.0] * len(stages)  # time spent running each stage
 
     def run(self, programs: Sequence[Sequence[Instr]]) -> None:
         """Run one program per stage to completion (messages left over stay for the next call)."""
@@ -119,16 +121,18 @@ class LocalExecutor:
             run_program(s, p, self.mailbox.endpoint(s.index), self.feed)
             for s, p in zip(self.stages, programs)
         ]
-        active = list(gens)
+        active = dict(enumerate(gens))
         while active:
             progressed = False
-            for g in list(active):
+            for i, g in list(active.items()):
                 before = self.mailbox.moves
+                t0 = time.perf_counter()
                 try:
                     next(g)
                 except StopIteration:
-                    active.remove(g)
+                    del active[i]
                     progressed = True
+                self.seconds[i] += time.perf_counter() - t0
                 progressed = progressed or self.mailbox.moves != before
             if not progressed and active:
                 raise RuntimeError("schedule deadlock: every stage waits for a message")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from dpbp.config import RunConfig, from_dict
 from dpbp.errors import ConfigError
@@ -110,6 +111,7 @@ def first_line(message: Any) -> str:
     return text[-1] if text else "unknown error"
 
 
+@record  # a worker's exception reaches the parent's ChildFailedError with its message
 def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
                 ) -> dict[str, Any] | None:
     """One worker: join the process group, train its stage, leave cleanly."""

@@ -54,7 +54,7 @@ class RunLogger:
         self.console = Console(stderr=True)
         self.bar: Progress | None = None
         self.epochs = epochs
-        self.t0 = time.perf_counter()
+        self.ticks = 0  # ticks run so far, for per-tick averages
         if cfg.trainer.progress:
             self.bar = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
@@ -94,6 +94,19 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(self.task, epoch=min(e.epoch + 1, self.epochs))
 
+    def stages(self, epoch: int, stats: list[dict[str, Any]], ticks: int) -> None:
+        """Per-module compute and idle time per tick (cumulative to this epoch) and memory."""
+        step = epoch * self.steps
+        self.ticks += ticks
+        done = self.ticks
+        for m in stats:
+            k = m["stage"] + 1
+            self.writer.add_scalar(f"module{k}/compute_ms_per_tick",
+                                   1e3 * m["compute_seconds"] / done, step)
+            self.writer.add_scalar(f"module{k}/idle_ms_per_tick",
+                                   1e3 * m["idle_seconds"] / done, step)
+            self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"], step)
+
     def finish(self, summary: dict[str, Any]) -> None:
         metrics = {f"hparam/{k}": summary[k] for k in
                    ("final_test_acc", "best_test_acc", "final_test_loss", "train_seconds",
@@ -106,6 +119,7 @@ class RunLogger:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """summary.json in the run directory, written atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # a resumed, finished run writes nothing before
     path = run_dir / "summary.json"
     tmp = path.with_name("summary.json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

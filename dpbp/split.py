@@ -19,7 +19,7 @@ from dpbp.errors import ConfigError
 
 
 def block_flops(blocks: Sequence[nn.Module], sample: torch.Tensor) -> list[float]:
-    """Multiply-adds of each block's forward on `sample` (conv and linear layers; the rest is small)."""
+    """Multiply-adds of each block's forward on `sample` (conv and linear; the rest is small)."""
     counts: list[float] = []
     total = [0.0]
 

@@ -149,7 +149,9 @@ class Stage:
         return self.params  # no delay: nothing changes the weights before the backward
 
     def _autocast(self):
-        return self.autocast() if self.autocast is not None else torch.autocast("cpu", enabled=False)
+        if self.autocast is not None:
+            return self.autocast()
+        return torch.autocast("cpu", enabled=False)
 
     # -- backward ----------------------------------------------------------------------------
 
@@ -207,7 +209,7 @@ class Stage:
     # -- update ------------------------------------------------------------------------------
 
     def step(self, batch: int = -1) -> None:
-        """Apply the gradient of `batch` set by the last backward (SGD with momentum, weight decay)."""
+        """Apply the gradient of `batch` that the last backward set (SGD: momentum, decay)."""
         self.optimizer.step()
         for p in self.params.values():
             p.grad = None

@@ -242,9 +242,13 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                 state.history.append(entry.__dict__)
                 if log is not None:
                     log.epoch(entry, seconds)
+            epoch_stats = executor.stage_stats()
+            if log is not None:
+                log.stages(epoch + 1, epoch_stats, stop - first)
             if cfg.trainer.checkpoint:
                 checkpoint.save(ckpt_dir, stages, state, cfg)
-        stats = executor.finish()
+        stats = executor.stage_stats()
+        executor.finish()
     finally:
         if log is not None:
             log.close_progress()
@@ -294,14 +298,14 @@ class Executor:
                  shapes: list[tuple[int, ...]], device: torch.device) -> None:
         self.cfg, self.stages, self.feed, self.ctx, self.device = cfg, stages, feed, ctx, device
         self.shapes = shapes
-        self.busy = 0.0
+        self.ranks = list(range(len(shapes)))
+        self.busy = 0.0  # dist: wall seconds inside run(), idle included
         if ctx.distributed:
             from dpbp import dist as p2p
 
-            ranks = list(range(len(shapes)))
-            self.groups = p2p.make_groups(ranks)
+            self.groups = p2p.make_groups(self.ranks)
             b = cfg.trainer.batch_size
-            self.link = p2p.P2P(ctx.rank, ranks, [(b, *s) for s in shapes], device,
+            self.link = p2p.P2P(ctx.rank, self.ranks, [(b, *s) for s in shapes], device,
                                 torch.float32, self.groups)
         else:
             self.local = LocalExecutor(stages, feed)
@@ -310,13 +314,13 @@ class Executor:
         algo, k = self.cfg.algo.name, len(self.shapes)
         programs = [schedule.program(algo, s.index, k, ticks, num_batches, end_tick)
                     for s in self.stages]
-        t0 = time.perf_counter()
-        if self.ctx.distributed:
-            self.link.expect(programs[0])
-            for _ in run_program(self.stages[0], programs[0], self.link, self.feed):
-                raise RuntimeError("a blocking receive returned nothing")
-        else:
+        if not self.ctx.distributed:
             self.local.run(programs)
+            return
+        t0 = time.perf_counter()
+        self.link.expect(programs[0])
+        for _ in run_program(self.stages[0], programs[0], self.link, self.feed):
+            raise RuntimeError("a blocking receive returned nothing")
         self.busy += time.perf_counter() - t0
 
     def evaluate(self, batches) -> tuple[float, float]:
@@ -326,34 +330,43 @@ class Executor:
 
         totals = Totals()
         s = self.stages[0]
-        p2p.evaluate_pipeline(s, s.index, len(self.shapes), list(range(len(self.shapes))),
-                              batches, self.shapes, self.groups["eval"], self.device,
-                              torch.float32, totals)
+        p2p.evaluate_pipeline(s, s.index, len(self.shapes), self.ranks, batches, self.shapes,
+                              self.groups["eval"], self.device, torch.float32, totals)
         return totals.result() if s.last else (float("nan"), float("nan"))
 
-    def finish(self) -> list[dict[str, Any]]:
-        """Per-stage statistics, gathered on the process of the last stage."""
-        idle = self.link.idle_seconds if self.ctx.distributed else 0.0
+    def stage_stats(self) -> list[dict[str, Any]] | None:
+        """Cumulative per-module statistics, gathered on the process of the last stage.
+
+        compute = time the module's process computed (dist: wall time minus time blocked on a
+        message; local: time spent running that stage); idle = time blocked on a message.
+        """
         mine = []
         for s in self.stages:
+            if self.ctx.distributed:
+                idle = self.link.idle_seconds
+                compute = self.busy - idle
+            else:
+                idle, compute = 0.0, self.local.seconds[s.index]
             cuda_peak = (torch.cuda.max_memory_allocated(self.device)
                          if self.device.type == "cuda" else None)
             mine.append({
                 "stage": s.index,
                 "history_bytes": s.stats.peak_bytes,
                 "peak_memory_bytes": cuda_peak if cuda_peak is not None else s.stats.peak_bytes,
-                "compute_seconds": self.busy - idle,
+                "compute_seconds": compute,
                 "idle_seconds": idle,
                 "updates": s.stats.updates,
             })
         if not self.ctx.distributed:
-            if len(mine) > 1:  # one process ran them all: time is not per stage
-                for m in mine:
-                    m["compute_seconds"] = self.busy / len(mine)
             return mine
         import torch.distributed as dist
 
-        self.link.flush()
-        everyone: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(everyone, mine)
-        return [m for part in everyone for m in part]
+        last = self.ranks[-1]
+        everyone: list[Any] | None = [None] * self.ctx.world_size if self.ctx.rank == last else None
+        dist.gather_object(mine, everyone, dst=last)
+        return [m for part in everyone for m in part] if everyone is not None else None
+
+    def finish(self) -> None:
+        """Wait for the last sends (before the process group goes away)."""
+        if self.ctx.distributed:
+            self.link.flush()

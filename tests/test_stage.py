@@ -4,8 +4,8 @@ A two-module network (module 1: Linear-Tanh-Linear-Tanh, module 2: Linear + cros
 float64 with plain SGD, driven by the local executor, must produce the same weights as a direct
 transcription of each paper's rule:
 
-- DDG, stash: module 1 at tick t applies the gradient of batch t-1, taken at the weights that batch's
-  forward used (w^{t-K+k}), with the error gradient module 2 computed at tick t-1.
+- DDG, stash: module 1 at tick t applies the gradient of batch t-1, taken at the weights that
+  batch's forward used (w^{t-K+k}), with the error gradient module 2 computed at tick t-1.
 - DDG, live: the same stored activations, but the current weights on the input-gradient path (what
   the 2018 reference code computed).
 - FR: the stored input of batch t-1 is replayed with the current weights.
