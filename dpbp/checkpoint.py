@@ -1,7 +1,8 @@
 """Checkpoints: one file per stage plus the run's state, written atomically at epoch ends.
 
 Each process writes the stages it owns (`stage{k}.pt`: module weights and buffers, optimizer state)
-and the process of the last stage writes `run.pt` (epochs done, metrics so far). Files are written
+and the process of the last stage writes `run.pt` (epochs done, metrics so far, the config: a
+resume with settings that change the numbers is refused). Files are written
 to a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact; they
 are loaded with `weights_only=True`.
 
@@ -23,6 +24,10 @@ import torch
 from dpbp.errors import ConfigError
 
 FORMAT = "dpbp-checkpoint-1"
+# settings a resumed run must share with its checkpoint, or it trains other numbers than the run it
+# continues; the rest (epochs, max_steps, logging, device, executor, dist, data.root) may change
+SAME_SETTINGS = ("seed", "model", "algo.", "data.", "optim.", "sched.", "trainer.batch_size")
+MAY_DIFFER = ("data.root", "data.download")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -54,7 +59,8 @@ def save(directory: Path, stages, state, cfg) -> None:
             "updates": s.stats.updates,
         }, directory / f"stage{s.index}.pt")
         if s.last:
-            _atomic_save({"format": FORMAT, **asdict(state)}, directory / "run.pt")
+            _atomic_save({"format": FORMAT, **asdict(state), "config": cfg.to_dict()},
+                         directory / "run.pt")
 
 
 def find(resume: bool | str, run_dir: Path) -> Path:
@@ -82,7 +88,7 @@ def check_resume(cfg, run_dir: Path) -> Path:
     """Refuse a resume that `load` would refuse, in the parent: a worker's error exits with 1."""
     _check_exact(cfg.algo.name, cfg.modules)
     directory = find(cfg.resume, run_dir)
-    _load(directory / "run.pt")
+    _check_same_settings(_load(directory / "run.pt"), cfg, directory)
     for k in range(cfg.modules):
         if not (directory / f"stage{k}.pt").is_file():
             raise ConfigError(f"checkpoint {directory / f'stage{k}.pt'} is missing; resume from "
@@ -111,6 +117,8 @@ def load(directory: Path, stages, cfg):
     _check_exact(cfg.algo.name, stages[0].num_stages)
     run = _load(directory / "run.pt")
     run.pop("format")
+    _check_same_settings(run, cfg, directory)
+    run.pop("config", None)
     for s in stages:
         path = directory / f"stage{s.index}.pt"
         ck = _load(path)
@@ -133,6 +141,26 @@ def load(directory: Path, stages, cfg):
                 "with the same split.balance and data.") from None
         s.stats.updates = ck["updates"]
     return RunState(**run)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_same_settings(run: dict[str, Any], cfg, directory: Path) -> None:
+    """Refuse to continue a run with settings that change the numbers (seed, data, optim, ...)."""
+    if "config" not in run:  # written before checkpoints carried their config
+        return
+    saved, now = _flat(run["config"]), _flat(cfg.to_dict())
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith(SAME_SETTINGS) and key not in MAY_DIFFER \
+                and saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"the checkpoint in {directory} was trained with {key}={saved.get(key)} but this "
+                f"run has {key}={now.get(key)}; resume with the same setting.")
 
 
 def _first_line(e: BaseException) -> str:

@@ -59,6 +59,8 @@ BAD_INPUT = [
     (["model=vgg16"], "vgg16"),
     (["model=resnet40"], "6n+2"),
     (["algo=foo"], "foo"),
+    (["experiment=foo"], "experiment"),
+    (["model=resnet26"], "model.name=resnet26"),  # a valid depth without a YAML file: the hint
     (["data=cifar10", "data.root={tmp}", "data.download=false"], "CIFAR-10"),
     (["gpus=0"], "gpus=0"),
     (["algo=fdg", "algo.beta=1.5"], "algo.beta=1.5"),
@@ -164,6 +166,13 @@ def test_cfg_job_prints_the_whole_config(monkeypatch, capsys):
     cfg = from_dict(printed)  # complete and valid as printed
     validate(cfg)
     assert (cfg.algo.name, cfg.algo.beta, cfg.gpus) == ("fdg", 0.5, 2)
+
+
+def test_model_name_reaches_any_valid_depth(monkeypatch, capsys):
+    # the escape hatch that the model=resnet26 error suggests
+    args = ["train", "--cfg", "job", "model=resnet20", "model.name=resnet26"]
+    assert call_main(args, monkeypatch) == 0
+    assert from_dict(yaml.safe_load(capsys.readouterr().out)).model == "resnet26"
 
 
 def test_sweep_gives_each_job_its_own_directory(tmp_path, monkeypatch, capsys):

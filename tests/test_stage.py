@@ -22,13 +22,12 @@ from dpbp.executor import LocalExecutor
 from dpbp.stage import Stage
 
 LR, NB, B = 0.1, 7, 5
-torch.set_default_dtype(torch.float64)
 
 
 class Feed:
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(NB, B, 4, generator=g)
+        self.x = torch.randn(NB, B, 4, generator=g, dtype=torch.float64)
         self.y = torch.randint(0, 3, (NB, B), generator=g)
 
     def inputs(self, b):
@@ -42,7 +41,7 @@ def modules():
     torch.manual_seed(0)
     m1 = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
     m2 = nn.Sequential(nn.Linear(5, 3))
-    return m1, m2
+    return m1.double(), m2.double()  # float64: the comparisons below are exact to 1e-12
 
 
 def run(algo, weights="stash", beta=1.0):
