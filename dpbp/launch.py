@@ -98,13 +98,14 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         results = elastic_launch(lc, worker_main)(cfg.to_dict(), str(run_dir))
     except ChildFailedError as e:
         rank, failure = next(iter(e.failures.items()))
-        msg = f"worker rank {rank} (module {rank + 1}) failed: {first_line(failure.message)}"
+        msg = f"worker rank {rank} (module {rank + 1}) failed: {last_line(failure.message)}"
         write_summary(run_dir, {"status": "failed", "error": msg, "config": cfg.to_dict()})
         raise RuntimeError(msg) from None
     return results.get(cfg.gpus - 1)
 
 
-def first_line(message: Any) -> str:
+def last_line(message: Any) -> str:
+    """The exception line of a worker's error message (its last line)."""
     if isinstance(message, dict):
         message = message.get("message", message)
     text = str(message).strip().splitlines()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,14 @@ class RunLogger:
     """Progress, TensorBoard and the final table for one run."""
 
     def __init__(self, cfg, run_dir: Path, steps_per_epoch: int, epochs: int,
-                 num_batches: int) -> None:
+                 num_batches: int, start: float) -> None:
+        """`start`: time.time() of the run's first start; a resumed run keeps its time axis."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.run_dir = cfg, run_dir
         self.steps, self.batch = steps_per_epoch, cfg.trainer.batch_size
-        self.start = time.time()
+        self.start = start
+        self.wall: float | None = None  # the last epoch's point on the training-time axis
         self.writer = SummaryWriter(str(run_dir), flush_secs=30)
         self.console = Console(stderr=True)
         self.bar: Progress | None = None
@@ -80,7 +81,7 @@ class RunLogger:
     def epoch(self, e, seconds: float) -> None:
         """Log one epoch's numbers (an EpochLog) to TensorBoard and the console."""
         step = e.epoch * self.steps
-        wall = self.start + e.train_seconds
+        wall = self.wall = self.start + e.train_seconds
         w = self.writer
         for tag, v in (("train/loss", e.train_loss), ("train/acc", e.train_acc),
                        ("test/loss", e.test_loss), ("test/acc", e.test_acc), ("lr", e.lr),
@@ -99,13 +100,15 @@ class RunLogger:
         step = epoch * self.steps
         self.ticks += ticks
         done = self.ticks
+        wall = self.wall  # module scalars share their epoch's training-time walltime
         for m in stats:
             k = m["stage"] + 1
             self.writer.add_scalar(f"module{k}/compute_ms_per_tick",
-                                   1e3 * m["compute_seconds"] / done, step)
+                                   1e3 * m["compute_seconds"] / done, step, walltime=wall)
             self.writer.add_scalar(f"module{k}/idle_ms_per_tick",
-                                   1e3 * m["idle_seconds"] / done, step)
-            self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"], step)
+                                   1e3 * m["idle_seconds"] / done, step, walltime=wall)
+            self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"], step,
+                                   walltime=wall)
 
     def finish(self, summary: dict[str, Any]) -> None:
         metrics = {f"hparam/{k}": summary[k] for k in

@@ -64,6 +64,7 @@ class RunState:
     images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_test_acc: float = 0.0
+    wall_start: float = 0.0  # time.time() when the run first started: origin of the time axis
 
 
 def pick_device(cfg: RunConfig, local_rank: int = 0) -> torch.device:
@@ -203,7 +204,8 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         src = checkpoint.find(cfg.resume, run_dir)
         state = checkpoint.load(src, stages, cfg)
     executor = Executor(cfg, stages, feed, ctx, shapes, device)
-    log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches) \
+    state.wall_start = state.wall_start or time.time()
+    log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches, state.wall_start) \
         if (logger_factory and last is not None) else None
 
     try:

@@ -234,8 +234,9 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert walls[1] - walls[0] == pytest.approx(seconds[1] - seconds[0], abs=1e-3)
     start = walls[0] - seconds[0]
     assert t0 - 1 <= start <= walls[0]
-    for tag in ("train/loss", "lr", "time/train_seconds"):
-        assert [e.wall_time for e in scalars[tag]] == pytest.approx(walls, abs=1e-6)
+    module_tags = [t for t in scalars if t.startswith("module1/")]
+    for tag in ("train/loss", "lr", "time/train_seconds", *module_tags):
+        assert [e.wall_time for e in scalars[tag]] == pytest.approx(walls, abs=1e-6), tag
     assert [e.value for e in scalars["time/train_seconds"]] == pytest.approx(seconds, rel=1e-5)
     assert [e.value for e in scalars["test/acc"]] == \
         pytest.approx([h["test_acc"] for h in history], rel=1e-6)
