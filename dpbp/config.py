@@ -176,6 +176,9 @@ def validate(cfg: RunConfig) -> None:
                           "(gpus=1 trains on one device).")
     if a.replicas < 1 or cfg.gpus % a.replicas:
         raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
+    if a.replicas > 1:
+        raise ConfigError("algo.replicas > 1 (data parallelism across pipelines) is not "
+                          "implemented yet; use algo.replicas=1.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
     if cfg.executor not in ("dist", "local"):

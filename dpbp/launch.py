@@ -34,7 +34,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     from dpbp.checkpoint import check_resume
     from dpbp.data import load_dataset
     from dpbp.models import describe_blocks
-    from dpbp.train import build_model, pick_device, resolve_balance
+    from dpbp.train import build_model, pick_device, resolve_balance, steps_per_epoch
 
     if cfg.resume and run_dir is not None:
         check_resume(cfg, run_dir)
@@ -46,6 +46,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         raise ConfigError(f"gpus={cfg.gpus} but this machine has {torch.cuda.device_count()} "
                           "GPUs; lower gpus, or use executor=local to put every module on one.")
     ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
+    steps_per_epoch(ds, cfg.trainer.batch_size)
     blocks = build_model(cfg, ds)
     counts = resolve_balance(cfg, blocks, ds, pick_device(cfg) if cfg.split.by == "time"
                              else torch.device("cpu"))

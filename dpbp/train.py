@@ -121,6 +121,15 @@ def output_shapes(modules: list[nn.Module], ds: Dataset) -> list[tuple[int, ...]
     return shapes
 
 
+def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
+    """Full batches per epoch (the last partial one is dropped so boundary shapes stay fixed)."""
+    steps = ds.train_x.shape[0] // batch_size
+    if steps < 1:
+        raise ConfigError(f"trainer.batch_size={batch_size} is larger than the "
+                          f"{ds.train_x.shape[0]} training images; lower it.")
+    return steps
+
+
 class Feed:
     """Training batches by global batch number: epoch = b // steps, shuffled per epoch by seed.
 
@@ -131,7 +140,7 @@ class Feed:
 
     def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
         self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
-        self.steps = ds.train_x.shape[0] // batch_size  # drop_last: boundary shapes stay fixed
+        self.steps = steps_per_epoch(ds, batch_size)
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _indices(self, batch: int) -> torch.Tensor:
@@ -186,11 +195,6 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
     last = stages[-1] if stages[-1].last else None
 
     feed = Feed(ds, cfg.trainer.batch_size, cfg.seed, device)
-    if feed.steps < 1:
-        raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the "
-            f"{ds.train_x.shape[0]} training images; lower it."
-        )
     total_epochs = cfg.trainer.epochs
     num_batches = total_epochs * feed.steps
     if cfg.trainer.max_steps is not None:
