@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dpbp.config import flatten
 from dpbp.errors import ConfigError
 
 FORMAT = "dpbp-checkpoint-1"
@@ -143,18 +144,11 @@ def load(directory: Path, stages, cfg):
     return RunState(**run)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_same_settings(run: dict[str, Any], cfg, directory: Path) -> None:
     """Refuse to continue a run with settings that change the numbers (seed, data, optim, ...)."""
     if "config" not in run:  # written before checkpoints carried their config
         return
-    saved, now = _flat(run["config"]), _flat(cfg.to_dict())
+    saved, now = flatten(run["config"]), flatten(cfg.to_dict())
     for key in sorted(set(saved) | set(now)):
         if key.startswith(SAME_SETTINGS) and key not in MAY_DIFFER \
                 and saved.get(key) != now.get(key):

@@ -118,6 +118,14 @@ def _fits(value: Any, tp: Any) -> bool:
     return isinstance(value, origin or tp)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"dotted.key": value}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Instantiate dataclass `cls` from a dict; name an unknown key or a wrong type in one sentence.
 

@@ -24,19 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys with TensorBoard-hparams-friendly values (lists become strings)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat(v, key + "."))
-        elif isinstance(v, (bool, int, float, str)) or v is None:
-            out[key] = "null" if v is None else v
-        else:
-            out[key] = str(v)
-    return out
+from dpbp.config import flatten
 
 
 class RunLogger:
@@ -114,7 +102,9 @@ class RunLogger:
         metrics = {f"hparam/{k}": summary[k] for k in
                    ("final_test_acc", "best_test_acc", "final_test_loss", "train_seconds",
                     "images_per_second")}
-        hp = {k: v for k, v in flat(summary["config"]).items()
+        # hparams take bool/int/float/str only: lists become strings, None "null"
+        hp = {k: v if isinstance(v, (bool, int, float, str)) else ("null" if v is None else str(v))
+              for k, v in flatten(summary["config"]).items()
               if not k.startswith(("trainer.progress", "trainer.log_every"))}
         self.writer.add_hparams(hp, metrics, run_name=".")
         self.writer.close()
