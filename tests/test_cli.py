@@ -240,7 +240,7 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert [e.value for e in scalars["time/train_seconds"]] == pytest.approx(seconds, rel=1e-5)
     assert [e.value for e in scalars["test/acc"]] == \
         pytest.approx([h["test_acc"] for h in history], rel=1e-6)
-    steps = 1437 // 128  # digits' training images at the default batch size
+    steps = 1437 // 64  # digits images per epoch at the default batch size
     assert s["steps"] == 2 * steps
     assert [e.step for e in scalars["test/acc"]] == [steps, 2 * steps]
 

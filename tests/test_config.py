@@ -165,8 +165,13 @@ def test_validate_rejects_bad_settings_naming_them(change, words):
 
 
 def test_validate_accepts_the_boundaries():
-    validate(_with(run_config(), **{"algo.beta": 1.0, "gpus": 4, "algo.replicas": 2,
+    validate(_with(run_config(), **{"algo.beta": 1.0, "gpus": 2, "algo.replicas": 1,
                                     "split.balance": [5, 6], "trainer.max_steps": 1}))
+
+
+def test_replicas_are_refused_until_data_parallel_fdg_exists():
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        validate(_with(run_config(), **{"gpus": 4, "algo.replicas": 2}))
 
 
 def test_run_config_fields_match_the_primary_yaml():
