@@ -25,12 +25,14 @@ USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 
 commands:
   train   train a model with bp, ddg, fr or fdg (a Hydra app: overrides, -m sweeps, --help, --cfg)
+  report  the accuracy/speed table of runs or sweeps, from their summary.json files
 
 examples:
   dpbp train                                       ResNet-20 on digits on the CPU
   dpbp train algo=fdg gpus=2 device=cpu            FDG, 2 modules in 2 processes
   dpbp train -m algo=bp,ddg,fdg gpus=2,4           a sweep; then: tensorboard --logdir multirun
   dpbp train --help                                config groups and keys
+  dpbp report multirun/<date>/<time>               mean ± std over seeds, gap to BP
 """
 
 GROUPS = ("algo", "model", "data", "optim", "sched", "experiment")
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "report":
+        from dpbp.report import main as report_main
+
+        return report_main(rest)
     if command != "train":
         print(f"dpbp: unknown command '{command}'; run `dpbp --help` for the commands.",
               file=sys.stderr)

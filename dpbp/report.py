@@ -1,0 +1,114 @@
+"""`dpbp report DIR...`: the accuracy/speed table of a sweep, from its summary.json files.
+
+    dpbp report multirun/2026-11-21/10-00-00                 # markdown on stdout
+    dpbp report multirun/... --out results/digits_parity     # also writes .md and .csv
+
+Runs are grouped by data, model, algo, modules and replicas; seeds are averaged (mean ± sample
+std). The gap is measured against BP on one module with the same data, model and epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dpbp.errors import ConfigError
+
+COLUMNS = ["data", "model", "algo", "modules", "replicas", "epochs", "seeds", "final_acc",
+           "best_acc", "gap_to_bp", "images_per_second", "train_seconds"]
+
+
+def load_summaries(dirs: list[str]) -> list[dict[str, Any]]:
+    """Every completed summary.json below the given directories."""
+    out = []
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise ConfigError(f"{root} does not exist; give run or sweep directories.")
+        files = [root] if root.name == "summary.json" else sorted(root.rglob("summary.json"))
+        for f in files:
+            s = json.loads(f.read_text())
+            if s.get("status") == "completed":
+                out.append(s)
+    if not out:
+        raise ConfigError(f"no completed summary.json under {', '.join(dirs)}.")
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (data, model, algo, modules, replicas, epochs), seeds averaged."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for s in summaries:
+        key = (s["data"], s["model"], s["algo"], s["modules"], s["replicas"], s["epochs"])
+        groups[key].append(s)
+    bp = {(k[0], k[1], k[5]): _mean_std([s["final_test_acc"] for s in v])[0]
+          for k, v in groups.items() if k[2] == "bp" and k[3] == 1}
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[2] != "bp", k[2], k[3])):
+        runs = groups[key]
+        final = _mean_std([s["final_test_acc"] for s in runs])
+        best = _mean_std([s["best_test_acc"] for s in runs])
+        base = bp.get((key[0], key[1], key[5]))
+        rows.append({
+            "data": key[0], "model": key[1], "algo": key[2], "modules": key[3],
+            "replicas": key[4], "epochs": key[5], "seeds": len(runs),
+            "final_acc": final, "best_acc": best,
+            "gap_to_bp": None if base is None else final[0] - base,
+            "images_per_second": statistics.median(s["images_per_second"] for s in runs),
+            "train_seconds": statistics.median(s["train_seconds"] for s in runs),
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| data | model | algo | K | epochs | seeds | final test acc % | best test acc % "
+            "| final − BP (points) | images/s (median) | train s (median) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        gap = "–" if r["gap_to_bp"] is None else f"{100 * r['gap_to_bp']:+.2f}"
+        lines.append(
+            f"| {r['data']} | {r['model']} | {r['algo']} | {r['modules']} | {r['epochs']} "
+            f"| {r['seeds']} | {100 * r['final_acc'][0]:.2f} ± {100 * r['final_acc'][1]:.2f} "
+            f"| {100 * r['best_acc'][0]:.2f} ± {100 * r['best_acc'][1]:.2f} | {gap} "
+            f"| {r['images_per_second']:.0f} | {r['train_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*COLUMNS[:7], "final_acc_mean", "final_acc_std", "best_acc_mean",
+                    "best_acc_std", *COLUMNS[9:]])
+        for r in rows:
+            w.writerow([r[c] for c in COLUMNS[:7]] + [*r["final_acc"], *r["best_acc"]]
+                       + [r[c] for c in COLUMNS[9:]])
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dpbp report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="run or sweep directories holding summary.json")
+    p.add_argument("--out", help="also write OUT.md and OUT.csv")
+    args = p.parse_args(argv)
+    try:
+        rows = table(load_summaries(args.dirs))
+    except ConfigError as e:
+        print(f"dpbp: {e}", file=sys.stderr)
+        return 2
+    text = markdown(rows)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        write_csv(rows, out.with_suffix(".csv"))
+    return 0
