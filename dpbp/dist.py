@@ -1,51 +1,80 @@
 """The distributed transport: one process per stage, point-to-point over torch.distributed.
 
-Activations and error gradients travel on two process groups of their own, so that the two
-directions never queue behind each other (NCCL ignores tags and matches messages by order within
-a communicator), and evaluation has a third. Within a group each pair of neighbours sends and
-receives in batch order on both sides, which is what NCCL needs.
+Process groups. Every boundary between stage i and i+1 gets three 2-rank groups of its own: one
+for activations (up), one for error gradients (down), one for evaluation. NCCL ignores tags,
+matches point-to-point messages by order within a communicator and, with eagerly initialised
+groups, runs all unbatched P2P ops of a communicator one after another on one stream. If two
+directions or two neighbours shared a communicator, a middle stage's receive posted ahead for a
+later batch would sit in front of a send its neighbour is waiting for, and bp (K >= 3) or ddg/fr
+(K >= 4) would deadlock. With one group per boundary and direction each stream carries messages
+of one kind between one pair, in batch order on both sides; tests/test_dist.py checks every
+algorithm's schedule against an NCCL-ordered simulation of exactly this code.
 
 Overlap: a receive is posted ahead (`irecv`) as soon as the previous message of that kind was
 taken, so it lands while the stage computes; a send is `isend` and is waited on only when the
 next send of that kind goes out (or at shutdown). Boundary shapes are fixed once from the model;
-a message buffer is allocated from the caching allocator when its receive is posted. Every handle
-is waited on. Time spent blocked in a wait is counted as the stage's idle time.
+a message buffer is allocated (caching allocator on CUDA) when its receive is posted, because the
+receiving stage may keep it as the stored input of a delayed backward. Every handle is waited on.
+
+Idle time: on CPU (gloo) `wait()` blocks the process, so time spent in it is time the stage had
+nothing to compute. On CUDA (NCCL) `wait()` only orders streams and returns at once, so the
+per-module idle/compute split is reported on CPU only.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dpbp.schedule import RECV_ACT, RECV_GRAD, Instr
 
+KINDS = ("act", "grad", "eval")
+
+
+def make_groups(ranks: Sequence[int], comm: Any = dist) -> dict[str, list[Any]]:
+    """{kind: [group of boundary 0, group of boundary 1, ...]}: every rank must call this, with
+    the same ranks, because creating a group is collective."""
+    pairs = [[ranks[i], ranks[i + 1]] for i in range(len(ranks) - 1)]
+    return {kind: [comm.new_group(p) for p in pairs] for kind in KINDS}
+
 
 class P2P:
-    """A stage's link to its neighbours (ranks rank-1 and rank+1 of the same pipeline)."""
+    """A stage's link to its neighbours: the transport that `executor.run_program` drives."""
 
     def __init__(
         self,
         index: int,
         ranks: Sequence[int],
-        act_shape: Sequence[Sequence[int]],
+        shapes: Sequence[Sequence[int]],
+        batch_size: int,
         device: torch.device,
-        dtype: torch.dtype,
-        groups: dict[str, dist.ProcessGroup],
+        groups: dict[str, list[Any]],
+        comm: Any = dist,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        """`ranks[k]` is the global rank of stage k; `act_shape[k]` the shape of stage k's output
-        (batch dimension included)."""
+        """`ranks[k]` is the global rank of stage k, `shapes[k]` the per-sample shape of stage k's
+        output; `comm` is torch.distributed (tests pass a simulation of it)."""
         self.index, self.ranks, self.device, self.dtype = index, list(ranks), device, dtype
-        self.act_shape = [tuple(s) for s in act_shape]
-        self.groups = groups
+        self.shapes = [tuple(s) for s in shapes]
+        self.batch_size = batch_size
+        self.groups, self.comm = groups, comm
         self.expected: dict[str, deque[int]] = {"act": deque(), "grad": deque()}
-        self.posted: dict[str, tuple[int, torch.Tensor, dist.Work] | None] = {
-            "act": None, "grad": None}
-        self.sending: dict[str, tuple[torch.Tensor, dist.Work] | None] = {"act": None, "grad": None}
+        self.posted: dict[str, tuple[int, torch.Tensor, Any] | None] = {"act": None, "grad": None}
+        self.sending: dict[str, tuple[torch.Tensor, Any] | None] = {"act": None, "grad": None}
         self.idle_seconds = 0.0
+
+    # boundary b joins stage b and b+1: activations come in over b = index-1 and leave over
+    # b = index; gradients come in over b = index and leave over b = index-1
+    def _route(self, kind: str, sending: bool) -> tuple[int, Any]:
+        up = (kind != "grad") == sending  # activations and evaluation go up
+        b = self.index if up else self.index - 1
+        peer = self.ranks[self.index + 1] if up else self.ranks[self.index - 1]
+        return peer, self.groups[kind][b]
 
     def expect(self, program: Sequence[Instr]) -> None:
         """Learn which messages `program` will receive, in order, and post the first receives."""
@@ -58,20 +87,15 @@ class P2P:
             if self.posted[kind] is None:
                 self._post(kind)
 
-    def _peer(self, kind: str, sending: bool) -> int:
-        up = (kind == "act") == sending  # activations go up, gradients come down
-        return self.ranks[self.index + 1] if up else self.ranks[self.index - 1]
-
     def _post(self, kind: str) -> None:
         if not self.expected[kind]:
             return
         batch = self.expected[kind].popleft()
-        # the input activation of this stage has the previous stage's output shape; the error
-        # gradient has this stage's output shape
-        shape = self.act_shape[self.index - 1] if kind == "act" else self.act_shape[self.index]
-        buf = torch.empty(shape, device=self.device, dtype=self.dtype)
-        work = dist.irecv(buf, src=self._peer(kind, sending=False), group=self.groups[kind])
-        self.posted[kind] = (batch, buf, work)
+        # an input activation has the previous stage's output shape, an error gradient this one's
+        shape = self.shapes[self.index - 1] if kind == "act" else self.shapes[self.index]
+        buf = torch.empty((self.batch_size, *shape), device=self.device, dtype=self.dtype)
+        src, group = self._route(kind, sending=False)
+        self.posted[kind] = (batch, buf, self.comm.irecv(buf, src=src, group=group))
 
     def recv(self, kind: str, batch: int) -> torch.Tensor:
         posted = self.posted[kind]
@@ -87,9 +111,10 @@ class P2P:
 
     def send(self, kind: str, batch: int, tensor: torch.Tensor) -> None:
         self._wait_send(kind)
-        tensor = tensor.contiguous()
-        work = dist.isend(tensor, dst=self._peer(kind, sending=True), group=self.groups[kind])
-        self.sending[kind] = (tensor, work)  # keep the tensor alive until the send completes
+        tensor = tensor.to(self.dtype).contiguous()
+        dst, group = self._route(kind, sending=True)
+        # keep the tensor referenced until the send has completed
+        self.sending[kind] = (tensor, self.comm.isend(tensor, dst=dst, group=group))
 
     def _wait_send(self, kind: str) -> None:
         pending = self.sending[kind]
@@ -106,35 +131,29 @@ class P2P:
         if any(self.posted.values()) or any(self.expected.values()):
             raise RuntimeError(f"stage {self.index}: receives left unmatched at shutdown")
 
+    def evaluate(self, stage, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 totals) -> None:
+        """Forward the test set through the pipeline; the last stage adds each batch to `totals`.
 
-def make_groups(ranks: Sequence[int]) -> dict[str, dist.ProcessGroup]:
-    """One group per message direction plus one for evaluation (every rank must call this)."""
-    return {name: dist.new_group(list(ranks)) for name in ("act", "grad", "eval")}
-
-
-def evaluate_pipeline(
-    stage, index: int, num_stages: int, ranks: Sequence[int], batches, shapes: Sequence,
-    group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, totals,
-) -> None:
-    """Forward the test set through the pipeline; the last stage adds each batch to `totals`.
-
-    `batches` yields (x, y) on every rank (only the first stage uses x, only the last uses y);
-    `shapes[k]` is the per-sample output shape of stage k.
-    """
-    pending, in_flight = None, None
-    for x, y in batches:
-        n = y.shape[0]
-        if index > 0:
-            x = torch.empty((n, *shapes[index - 1]), device=device, dtype=dtype)
-            dist.recv(x, src=ranks[index - 1], group=group)
-        out = stage.evaluate(x)
-        if index < num_stages - 1:
-            if pending is not None:
-                pending.wait()
-            out = out.to(dtype).contiguous()
-            pending = dist.isend(out, dst=ranks[index + 1], group=group)
-            in_flight = out  # noqa: F841 - keeps the tensor alive until the send completes
-        else:
-            totals.add(out, y)
-    if pending is not None:
-        pending.wait()
+        `batches` yields (x, y) on every rank: the first stage uses x, the last uses y; the
+        others only read the batch size.
+        """
+        last = self.index == len(self.ranks) - 1
+        in_flight: tuple[torch.Tensor, Any] | None = None
+        for x, y in batches:
+            if self.index > 0:
+                x = torch.empty((y.shape[0], *self.shapes[self.index - 1]), device=self.device,
+                                dtype=self.dtype)
+                src, group = self._route("eval", sending=False)
+                self.comm.recv(x, src=src, group=group)
+            out = stage.evaluate(x)
+            if last:
+                totals.add(out, y)
+                continue
+            if in_flight is not None:
+                in_flight[1].wait()
+            out = out.to(self.dtype).contiguous()
+            dst, group = self._route("eval", sending=True)
+            in_flight = (out, self.comm.isend(out, dst=dst, group=group))
+        if in_flight is not None:
+            in_flight[1].wait()

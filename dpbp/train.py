@@ -309,10 +309,9 @@ class Executor:
         if ctx.distributed:
             from dpbp import dist as p2p
 
-            self.groups = p2p.make_groups(self.ranks)
-            b = cfg.trainer.batch_size
-            self.link = p2p.P2P(ctx.rank, self.ranks, [(b, *s) for s in shapes], device,
-                                torch.float32, self.groups)
+            groups = p2p.make_groups(self.ranks)
+            self.link = p2p.P2P(ctx.rank, self.ranks, shapes, cfg.trainer.batch_size, device,
+                                groups)
         else:
             self.local = LocalExecutor(stages, feed)
 
@@ -332,13 +331,9 @@ class Executor:
     def evaluate(self, batches) -> tuple[float, float]:
         if not self.ctx.distributed:
             return self.local.evaluate(batches)
-        from dpbp import dist as p2p
-
         totals = Totals()
-        s = self.stages[0]
-        p2p.evaluate_pipeline(s, s.index, len(self.shapes), self.ranks, batches, self.shapes,
-                              self.groups["eval"], self.device, torch.float32, totals)
-        return totals.result() if s.last else (float("nan"), float("nan"))
+        self.link.evaluate(self.stages[0], batches, totals)
+        return totals.result() if self.stages[0].last else (float("nan"), float("nan"))
 
     def stage_stats(self) -> list[dict[str, Any]] | None:
         """Cumulative per-module statistics, gathered on the process of the last stage.
