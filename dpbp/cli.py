@@ -10,6 +10,7 @@ Exit status: 0 done, 1 the run failed, 2 bad input (one sentence on stderr, no t
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from importlib import resources
@@ -68,6 +69,17 @@ def check_group_overrides(args: list[str]) -> None:
             raise ConfigError(f"unknown {group} '{value}'; choose one of {', '.join(options)}.")
 
 
+def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "failed") -> None:
+    """summary.json for a run that did not complete (unless the launcher already wrote one)."""
+    from dpbp.logs import write_summary
+
+    path = run_dir / "summary.json"
+    if path.exists() and json.loads(path.read_text()).get("status") != "completed":
+        return
+    write_summary(run_dir, {"status": status, "error": error,
+                            "config": OmegaConf.to_container(cfg, resolve=True)})
+
+
 @hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """The `dpbp train` Hydra job: resolve, validate, launch, print the summary."""
@@ -88,11 +100,13 @@ def train_app(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt:
         _job_failed = True
+        record_failure(run_dir, cfg, "interrupted", status="interrupted")
         print(f"dpbp: interrupted; the last checkpoint is in {run_dir / 'checkpoints'}",
               file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         _job_failed = True
+        record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
         print(f"dpbp: run failed: {e}", file=sys.stderr)
         print(f"dpbp: the last checkpoint (if any) is in {run_dir / 'checkpoints'}; continue "
               f"with the same command plus resume={run_dir}", file=sys.stderr)

@@ -92,10 +92,6 @@ class RunConfig:
         """K: the number of modules the model is cut into."""
         return self.gpus // self.algo.replicas
 
-    @property
-    def world_size(self) -> int:
-        return self.gpus
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"]["shape"] = list(d["data"]["shape"])
@@ -216,6 +212,9 @@ def validate(cfg: RunConfig) -> None:
             f"split.balance has {len(cfg.split.balance)} entries but the run has {cfg.modules} "
             f"modules (gpus={cfg.gpus}); give one block count per module."
         )
+    if cfg.dist.backend == "gloo" and cfg.device == "cuda":
+        raise ConfigError("gloo cannot send CUDA tensors between processes; use "
+                          "dist.backend=auto (nccl on CUDA) or device=cpu.")
     if cfg.dist.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"dist.backend must be auto, gloo or nccl, not '{cfg.dist.backend}'.")
     if cfg.dist.timeout_s <= 0:

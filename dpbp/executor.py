@@ -3,7 +3,8 @@
 `run_program` maps each instruction to a Stage method. It is a generator: when a message it needs
 has not arrived it yields, and whoever drives it retries later. The local executor drives all
 stages' generators round-robin in one process (deterministic, used by tests and single-device
-runs); the dist executor (dist.py) drives one generator per process whose receives block instead.
+runs); in a distributed run each process drives its own stage's generator over dist.P2P, whose
+receives block instead (train.Executor).
 The same code therefore computes the same numbers under both.
 """
 
@@ -74,7 +75,7 @@ def run_program(
         elif op == SEND_GRAD:
             io.send("grad", b, dgrads.pop(b))
         elif op == STEP:
-            stage.step(b)
+            stage.step()
         else:  # pragma: no cover - the schedule only emits the ops above
             raise ValueError(f"unknown instruction {ins}")
     outs.clear()

@@ -48,8 +48,9 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
     steps_per_epoch(ds, cfg.trainer.batch_size)
     blocks = build_model(cfg, ds)
-    counts = resolve_balance(cfg, blocks, ds, pick_device(cfg) if cfg.split.by == "time"
-                             else torch.device("cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    counts = resolve_balance(cfg, blocks, ds, pick_device(cfg, local_rank)
+                             if cfg.split.by == "time" else torch.device("cpu"))
     if not quiet:
         print_split(cfg, blocks, counts, describe_blocks(cfg.model, blocks))
     return counts
@@ -98,7 +99,7 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     try:
         results = elastic_launch(lc, worker_main)(cfg.to_dict(), str(run_dir))
     except ChildFailedError as e:
-        rank, failure = next(iter(e.failures.items()))
+        rank, failure = e.get_first_failure()  # the earliest: the cause, not a victim
         msg = f"worker rank {rank} (module {rank + 1}) failed: {last_line(failure.message)}"
         write_summary(run_dir, {"status": "failed", "error": msg, "config": cfg.to_dict()})
         raise RuntimeError(msg) from None

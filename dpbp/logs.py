@@ -91,10 +91,11 @@ class RunLogger:
         wall = self.wall  # module scalars share their epoch's training-time walltime
         for m in stats:
             k = m["stage"] + 1
-            self.writer.add_scalar(f"module{k}/compute_ms_per_tick",
-                                   1e3 * m["compute_seconds"] / done, step, walltime=wall)
-            self.writer.add_scalar(f"module{k}/idle_ms_per_tick",
-                                   1e3 * m["idle_seconds"] / done, step, walltime=wall)
+            if m["compute_seconds"] is not None:  # host times: CPU runs only
+                self.writer.add_scalar(f"module{k}/compute_ms_per_tick",
+                                       1e3 * m["compute_seconds"] / done, step, walltime=wall)
+                self.writer.add_scalar(f"module{k}/idle_ms_per_tick",
+                                       1e3 * m["idle_seconds"] / done, step, walltime=wall)
             self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"], step,
                                    walltime=wall)
 

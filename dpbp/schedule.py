@@ -2,9 +2,10 @@
 
 A schedule is a list of instructions per stage (module) per tick, e.g. for DDG with K=2 at tick 3:
 
-    stage 0:  F3 >A3 <G2 B2 S       forward batch 3, send its activation, receive the error
-    stage 1:  <A3 F3 B3 <G3 S           gradient of batch 2, back-propagate it, step
-                  (and >G3: send the input gradient of batch 3 down)
+    stage 0:  F3 >A3 <G2 B2 S      forward batch 3, send its output up; receive the error
+                                   gradient of batch 2, back-propagate batch 2, step
+    stage 1:  <A3 F3 B3 >G3 S      receive batch 3's input, forward, loss and backward,
+                                   send its input gradient down, step
 
 Both executors run exactly these lists, so the delays are properties of this file alone and
 `format_table` prints them. Messages are named by (kind, batch): activations flow up
@@ -20,7 +21,10 @@ Delays (stage s = 0..K-1, the papers' module k = s+1):
        t-s-2(K-1-s), i.e. 2(K-1-s) ticks after that batch's forward here.
 
 Within a tick every stage forwards first, then back-propagates and steps, so the forward of a
-batch reads the weights before this tick's update (DDG's w^{t-K+k} of the analysis).
+batch reads the weights before this tick's update (DDG's w^{t-K+k} of the analysis). The FDG
+reference code runs the delayed backward and step before the forward instead; with this order an
+FDG module holds 2(K-k)+1 batches at its peak (the code: 2(K-k)) and a gradient is applied
+2(K-k) updates after the forward that produced it (the code: 2(K-k)-1).
 
 Pipeline fill: a stage makes no update until its first delayed gradient arrives. End of training:
 forwards are drained (fdg runs K-1 extra ticks so the last stage sees every batch); error

@@ -27,8 +27,9 @@ Weight decay is added by SGD afterwards and is not scaled.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,6 @@ class StageStats:
     correct: torch.Tensor | None = None
     seen: int = 0
     updates: int = 0
-    # (tick of update, batch whose gradient it used) when instrumented, for the delay tests
-    trace: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Stage:
@@ -105,9 +104,9 @@ class Stage:
         self.params = dict(module.named_parameters())
         self._param_storages = {p.untyped_storage().data_ptr() for p in self.params.values()}
         self.pending: dict[int, Pending] = {}
+        self._graph_bytes: int | None = None  # bytes one in-flight batch holds (graph modes)
         self.stats = StageStats()
         self.autocast = autocast
-        self.trace = False  # record (update number, batch) pairs; tests turn this on
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -121,6 +120,8 @@ class Stage:
         else:
             x = x.detach().requires_grad_(self.index > 0)  # stage 0 needs no input gradient
             weights = self._forward_weights()
+            # what a batch holds is the same every time (fixed shapes): measure it once
+            measure = self._graph_bytes is None
             saved: dict[int, int] = {}
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -128,14 +129,17 @@ class Stage:
                 saved[s.data_ptr()] = s.nbytes()
                 return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._autocast():
-                out = functional_call(self.module, weights, (x,))
-            saved.setdefault(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
-            if self.stash:
-                for w in weights.values():
-                    saved.setdefault(w.untyped_storage().data_ptr(), w.untyped_storage().nbytes())
-            held = sum(n for ptr, n in saved.items() if ptr not in self._param_storages)
-            p = Pending(x=x, out=out, weights=weights, nbytes=held)
+            hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure
+                     else contextlib.nullcontext())
+            with hooks, self._autocast():
+                out = (self.module(x) if weights is self.params
+                       else functional_call(self.module, weights, (x,)))
+            if measure:
+                for t in (x, out, *(weights.values() if self.stash else ())):
+                    saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                self._graph_bytes = sum(n for ptr, n in saved.items()
+                                        if ptr not in self._param_storages)
+            p = Pending(x=x, out=out, weights=weights, nbytes=self._graph_bytes)
         self.pending[batch] = p
         self.stats.held_bytes += p.nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.held_bytes)
@@ -208,14 +212,12 @@ class Stage:
 
     # -- update ------------------------------------------------------------------------------
 
-    def step(self, batch: int = -1) -> None:
-        """Apply the gradient of `batch` that the last backward set (SGD: momentum, decay)."""
+    def step(self) -> None:
+        """Apply the gradient the last backward set (SGD with momentum and weight decay)."""
         self.optimizer.step()
         for p in self.params.values():
             p.grad = None
         self.stats.updates += 1
-        if self.trace:
-            self.stats.trace.append((self.stats.updates, batch))
 
     # -- evaluation --------------------------------------------------------------------------
 

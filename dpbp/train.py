@@ -228,8 +228,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                     done = min(t_end, num_batches)
                     ips = (done - first) * cfg.trainer.batch_size / (time.perf_counter() - t0)
                     log.advance(done, ips, last.running_loss())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            executor.sync()  # the epoch ends when every module has finished its ticks
             seconds = time.perf_counter() - t0
             images = (min((epoch + 1) * feed.steps, num_batches) - first) * cfg.trainer.batch_size
             state.train_seconds += seconds
@@ -284,6 +283,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9),
         "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+        "memory_measure": stats[0]["memory_measure"],
         "history_memory_bytes": [s["history_bytes"] for s in stats],
         "compute_seconds": [s["compute_seconds"] for s in stats],
         "idle_seconds": [s["idle_seconds"] for s in stats],
@@ -305,6 +305,11 @@ class Executor:
         self.cfg, self.stages, self.feed, self.ctx, self.device = cfg, stages, feed, ctx, device
         self.shapes = shapes
         self.ranks = list(range(len(shapes)))
+        self.data_bytes = sum(t.untyped_storage().nbytes() for t in
+                              (feed.ds.train_x, feed.ds.train_y, feed.ds.test_x, feed.ds.test_y)
+                              if t.device == device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         self.busy = 0.0  # dist: wall seconds inside run(), idle included
         if ctx.distributed:
             from dpbp import dist as p2p
@@ -339,8 +344,14 @@ class Executor:
         """Cumulative per-module statistics, gathered on the process of the last stage.
 
         compute = time the module's process computed (dist: wall time minus time blocked on a
-        message; local: time spent running that stage); idle = time blocked on a message.
+        message; local: time spent running that stage); idle = time blocked on a message. Both
+        are host times, meaningful on CPU only (CUDA work is asynchronous): None on CUDA.
+        peak_memory_bytes = the CUDA allocator's peak above the data held on the device when
+        the module has a GPU of its own, else the bytes the algorithm holds for in-flight
+        batches (history_bytes).
         """
+        cuda = self.device.type == "cuda"
+        own_gpu = cuda and self.ctx.distributed
         mine = []
         for s in self.stages:
             if self.ctx.distributed:
@@ -348,14 +359,15 @@ class Executor:
                 compute = self.busy - idle
             else:
                 idle, compute = 0.0, self.local.seconds[s.index]
-            cuda_peak = (torch.cuda.max_memory_allocated(self.device)
-                         if self.device.type == "cuda" else None)
+            peak = (torch.cuda.max_memory_allocated(self.device) - self.data_bytes if own_gpu
+                    else s.stats.peak_bytes)
             mine.append({
                 "stage": s.index,
                 "history_bytes": s.stats.peak_bytes,
-                "peak_memory_bytes": cuda_peak if cuda_peak is not None else s.stats.peak_bytes,
-                "compute_seconds": compute,
-                "idle_seconds": idle,
+                "peak_memory_bytes": peak,
+                "memory_measure": "cuda_allocator" if own_gpu else "held_tensors",
+                "compute_seconds": None if cuda else compute,
+                "idle_seconds": None if cuda else idle,
                 "updates": s.stats.updates,
             })
         if not self.ctx.distributed:
@@ -366,6 +378,15 @@ class Executor:
         everyone: list[Any] | None = [None] * self.ctx.world_size if self.ctx.rank == last else None
         dist.gather_object(mine, everyone, dst=last)
         return [m for part in everyone for m in part] if everyone is not None else None
+
+    def sync(self) -> None:
+        """Wait until every module has finished the ticks run so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def finish(self) -> None:
         """Wait for the last sends (before the process group goes away)."""
