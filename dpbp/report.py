@@ -3,8 +3,10 @@
     dpbp report multirun/2026-11-21/10-00-00                 # markdown on stdout
     dpbp report multirun/... --out results/digits_parity     # also writes .md and .csv
 
-Runs are grouped by data, model, algo, modules and replicas; seeds are averaged (mean ± sample
-std). The gap is measured against BP on one module with the same data, model and epochs.
+Runs are grouped by their whole resolved config except the seed (and keys that do not change the
+numbers: executor, logging, paths); seeds are averaged (mean ± sample std). Settings that differ
+between groups besides algo and gpus (a beta sweep, stash vs live, ...) are named in the row. The
+gap is measured against BP on one module with the same data, model and epochs.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dpbp.config import flatten
 from dpbp.errors import ConfigError
 
-COLUMNS = ["data", "model", "algo", "modules", "replicas", "epochs", "seeds", "final_acc",
+# keys that do not change a run's numbers (local == dist is tested), or that the launcher derives
+IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.log_every",
+           "trainer.checkpoint", "trainer.threads", "data.root", "data.download", "dist.",
+           "split.balance")
+
+COLUMNS = ["data", "model", "algo", "modules", "replicas", "epochs", "seeds", "settings",
+           "final_acc",
            "best_acc", "gap_to_bp", "images_per_second", "train_seconds"]
 
 
@@ -45,23 +54,42 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def settings(s: dict[str, Any]) -> tuple:
+    """What makes a run a different experiment than another: its config minus IGNORED."""
+    flat = flatten(s.get("config", {}))
+    return tuple(sorted((k, str(v)) for k, v in flat.items() if not k.startswith(IGNORED)))
+
+
 def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (data, model, algo, modules, replicas, epochs), seeds averaged."""
+    """One row per experiment (all settings but the seed), seeds averaged."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for s in summaries:
-        key = (s["data"], s["model"], s["algo"], s["modules"], s["replicas"], s["epochs"])
+        key = (s["data"], s["model"], s["algo"], s["modules"], s["replicas"], s["epochs"],
+               settings(s))
         groups[key].append(s)
-    bp = {(k[0], k[1], k[5]): _mean_std([s["final_test_acc"] for s in v])[0]
+    # settings that vary between groups, apart from the ones with columns of their own
+    values: dict[str, set[str]] = defaultdict(set)
+    for key in groups:
+        for k, v in key[6]:
+            values[k].add(v)
+    varying = {k for k, vs in values.items() if len(vs) > 1 and not k.startswith(("algo.name",
+               "gpus", "model", "data.name", "trainer.epochs"))}
+    def baseline_key(k: tuple) -> tuple:  # the same experiment with algo=bp gpus=1
+        return (k[0], k[1], k[5], tuple(kv for kv in k[6] if not kv[0].startswith(("algo.",
+                                                                                     "gpus"))))
+
+    bp = {baseline_key(k): _mean_std([s["final_test_acc"] for s in v])[0]
           for k, v in groups.items() if k[2] == "bp" and k[3] == 1}
     rows = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[2] != "bp", k[2], k[3])):
         runs = groups[key]
         final = _mean_std([s["final_test_acc"] for s in runs])
         best = _mean_std([s["best_test_acc"] for s in runs])
-        base = bp.get((key[0], key[1], key[5]))
+        base = bp.get(baseline_key(key))
         rows.append({
             "data": key[0], "model": key[1], "algo": key[2], "modules": key[3],
-            "replicas": key[4], "epochs": key[5], "seeds": len(runs),
+            "replicas": key[4], "epochs": key[5], "seeds": len({s["seed"] for s in runs}),
+            "settings": " ".join(f"{k}={v}" for k, v in key[6] if k in varying),
             "final_acc": final, "best_acc": best,
             "gap_to_bp": None if base is None else final[0] - base,
             "images_per_second": statistics.median(s["images_per_second"] for s in runs),
@@ -71,13 +99,14 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| data | model | algo | K | epochs | seeds | final test acc % | best test acc % "
-            "| final − BP (points) | images/s (median) | train s (median) |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| data | model | algo | K | settings | epochs | seeds | final test acc % "
+            "| best test acc % | final − BP (points) | images/s (median) | train s (median) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         gap = "–" if r["gap_to_bp"] is None else f"{100 * r['gap_to_bp']:+.2f}"
         lines.append(
-            f"| {r['data']} | {r['model']} | {r['algo']} | {r['modules']} | {r['epochs']} "
+            f"| {r['data']} | {r['model']} | {r['algo']} | {r['modules']} | {r['settings']} "
+            f"| {r['epochs']} "
             f"| {r['seeds']} | {100 * r['final_acc'][0]:.2f} ± {100 * r['final_acc'][1]:.2f} "
             f"| {100 * r['best_acc'][0]:.2f} ± {100 * r['best_acc'][1]:.2f} | {gap} "
             f"| {r['images_per_second']:.0f} | {r['train_seconds']:.1f} |")
@@ -87,11 +116,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*COLUMNS[:7], "final_acc_mean", "final_acc_std", "best_acc_mean",
-                    "best_acc_std", *COLUMNS[9:]])
+        w.writerow([*COLUMNS[:8], "final_acc_mean", "final_acc_std", "best_acc_mean",
+                    "best_acc_std", *COLUMNS[10:]])
         for r in rows:
-            w.writerow([r[c] for c in COLUMNS[:7]] + [*r["final_acc"], *r["best_acc"]]
-                       + [r[c] for c in COLUMNS[9:]])
+            w.writerow([r[c] for c in COLUMNS[:8]] + [*r["final_acc"], *r["best_acc"]]
+                       + [r[c] for c in COLUMNS[10:]])
 
 
 def main(argv: list[str]) -> int:
