@@ -67,13 +67,14 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (s["data"], s["model"], s["algo"], s["modules"], s["replicas"], s["epochs"],
                settings(s))
         groups[key].append(s)
-    # settings that vary between groups, apart from the ones with columns of their own
-    values: dict[str, set[str]] = defaultdict(set)
+    # settings that vary between groups, apart from the ones with columns of their own; an
+    # algo.* key counts only where it varies between runs of the same algorithm
+    values: dict[tuple[str, str], set[str]] = defaultdict(set)
     for key in groups:
         for k, v in key[6]:
-            values[k].add(v)
-    varying = {k for k, vs in values.items() if len(vs) > 1 and not k.startswith(("algo.name",
-               "gpus", "model", "data.name", "trainer.epochs"))}
+            values[(key[2] if k.startswith("algo.") else "", k)].add(v)
+    varying = {k for (_, k), vs in values.items() if len(vs) > 1 and not k.startswith(
+               ("algo.name", "gpus", "model", "data.name", "trainer.epochs"))}
     def baseline_key(k: tuple) -> tuple:  # the same experiment with algo=bp gpus=1
         return (k[0], k[1], k[5], tuple(kv for kv in k[6] if not kv[0].startswith(("algo.",
                                                                                      "gpus"))))
