@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dpbp.errors import ConfigError
@@ -80,6 +81,17 @@ def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "fa
                             "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
+def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
+    """One sentence on what the checkpoints of a stopped run allow."""
+    ckpt = run_dir / "checkpoints"
+    if not (ckpt / "run.pt").exists():
+        return "no epoch had finished, so there is no checkpoint: rerun the same command."
+    if cfg.algo.name != "bp" and cfg.gpus > 1:
+        return (f"the weights of the last finished epoch are in {ckpt}; resuming "
+                f"algo={cfg.algo.name} over modules is not exact yet, so rerun the command.")
+    return f"continue from the last checkpoint with the same command plus resume={run_dir}"
+
+
 @hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """The `dpbp train` Hydra job: resolve, validate, launch, print the summary."""
@@ -101,16 +113,16 @@ def train_app(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         _job_failed = True
         record_failure(run_dir, cfg, "interrupted", status="interrupted")
-        print(f"dpbp: interrupted; the last checkpoint is in {run_dir / 'checkpoints'}",
-              file=sys.stderr)
+        print(f"dpbp: interrupted. {how_to_resume(cfg, run_dir)}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         _job_failed = True
         record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
         print(f"dpbp: run failed: {e}", file=sys.stderr)
-        print(f"dpbp: the last checkpoint (if any) is in {run_dir / 'checkpoints'}; continue "
-              f"with the same command plus resume={run_dir}", file=sys.stderr)
-        raise
+        print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job and goes on with the rest of the sweep
+        sys.exit(1)
     if summary is None:
         return None
     Console(stderr=True).print(summary_table(summary))
