@@ -109,3 +109,25 @@ def test_more_modules_than_blocks(tmp_path):
     cfg = config("fdg", 12, "local")
     with pytest.raises(ConfigError, match="cannot cut 11 blocks into 12 modules"):
         train(cfg, tmp_path)
+
+
+def test_joining_under_torchrun_gives_the_same_run(tmp_path):
+    """`torchrun ... -m dpbp.cli train`: every process joins instead of spawning workers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    overrides = ["algo=fdg", "gpus=2", "device=cpu", "seed=1", "trainer.epochs=2",
+                 "trainer.batch_size=64", "trainer.max_steps=30", "trainer.log_every=7",
+                 "trainer.progress=false", "sched.milestones=[100]", "algo.beta=0.5"]
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
+                          "dpbp.cli", "train", *overrides, f"hydra.run.dir={tmp_path / 'tr'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    joined = json.loads((tmp_path / "tr" / "summary.json").read_text())
+    local = train(config("fdg", 2, "local"), tmp_path / "local")
+    assert joined["executor"] == "dist" and joined["status"] == "completed"
+    untimed = [[{k: v for k, v in e.items() if k != "train_seconds"} for e in s["history"]]
+               for s in (joined, local)]
+    assert untimed[0] == untimed[1]
