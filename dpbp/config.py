@@ -15,7 +15,7 @@ from typing import Any
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
 
-ALGOS = ("bp", "ddg", "fr", "fdg")
+ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg")
 
 
 @dataclass
@@ -24,6 +24,7 @@ class AlgoConfig:
     weights: str = "stash"  # ddg/fdg: stash | live (which weights a delayed gradient is taken at)
     beta: float = 1.0  # fdg: gradient shrinking per module boundary
     replicas: int = 1  # data-parallel replicas (dp_fdg); 1 everywhere else
+    scale_lr: bool = False  # dp_fdg: multiply optim.lr by replicas (the linear scaling rule)
 
 
 @dataclass
@@ -180,9 +181,11 @@ def validate(cfg: RunConfig) -> None:
                           "(gpus=1 trains on one device).")
     if a.replicas < 1 or cfg.gpus % a.replicas:
         raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
-    if a.replicas > 1:
-        raise ConfigError("algo.replicas > 1 (data parallelism across pipelines) is not "
-                          "implemented yet; use algo.replicas=1.")
+    if a.replicas > 1 and a.name != "dp_fdg":
+        raise ConfigError(f"algo={a.name} has one pipeline; use algo=dp_fdg for "
+                          f"algo.replicas={a.replicas} data-parallel replicas of FDG.")
+    if a.replicas > 1 and cfg.executor == "local":
+        raise ConfigError("dp_fdg runs its replicas as processes: use executor=dist.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
     if cfg.executor not in ("dist", "local"):

@@ -46,7 +46,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         raise ConfigError(f"gpus={cfg.gpus} but this machine has {torch.cuda.device_count()} "
                           "GPUs; lower gpus, or use executor=local to put every module on one.")
     ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
-    steps_per_epoch(ds, cfg.trainer.batch_size)
+    steps_per_epoch(ds, cfg.trainer.batch_size * cfg.algo.replicas)
     blocks = build_model(cfg, ds)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     counts = resolve_balance(cfg, blocks, ds, pick_device(cfg, local_rank)
@@ -103,7 +103,7 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         msg = f"worker rank {rank} (module {rank + 1}) failed: {last_line(failure.message)}"
         write_summary(run_dir, {"status": "failed", "error": msg, "config": cfg.to_dict()})
         raise RuntimeError(msg) from None
-    return results.get(cfg.gpus - 1)
+    return results.get(cfg.modules - 1)  # replica 0's last stage reports
 
 
 def last_line(message: Any) -> str:

@@ -37,6 +37,7 @@ _NAMED_MODELS = [
     "resnet1202",
     "wrn28_10",
     "resnet18",
+    "mlp",
 ]
 
 _RESNET_RE = re.compile(r"resnet(\d+)")
@@ -44,7 +45,7 @@ _RESNET_RE = re.compile(r"resnet(\d+)")
 
 def model_names() -> list[str]:
     """Named models with a config file: resnet20, resnet32, resnet44, resnet56, resnet110,
-    resnet164, resnet1202, wrn28_10, resnet18."""
+    resnet164, resnet1202, wrn28_10, resnet18, mlp (a small BatchNorm-free net for tests)."""
     return list(_NAMED_MODELS)
 
 
@@ -151,6 +152,8 @@ def _layout(name: str) -> tuple[str, list[int]]:
         return "resnet18", [2, 2, 2, 2]
     if name == "wrn28_10":
         return "wrn", [4, 4, 4]  # depth 28 = 6*4 + 4
+    if name == "mlp":
+        return "mlp", [4]
     match = _RESNET_RE.fullmatch(name)
     if match:
         depth = int(match.group(1))
@@ -196,7 +199,12 @@ def build_blocks(name: str, in_channels: int = 3, num_classes: int = 10) -> list
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{arg} must be a positive integer, got {value!r}.")
 
-    if family == "cifar_resnet":
+    if family == "mlp":  # no BatchNorm: batch statistics never couple the samples of a batch
+        stem = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * in_channels, 64),
+                             nn.Tanh())
+        body = [nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(counts[0])]
+        head = nn.Linear(64, num_classes)
+    elif family == "cifar_resnet":
         stem = nn.Sequential(conv3x3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         body = _stages(partial(BasicBlock, option="A"), 16, [16, 32, 64], [1, 2, 2], counts)
         head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))

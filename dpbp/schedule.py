@@ -48,28 +48,33 @@ class Instr:
         return self.op if self.op == STEP else f"{self.op}{self.batch}"
 
 
+def pipelined(algo: str) -> bool:
+    """Whether the forward is pipelined too (FDG, and FDG in each data-parallel replica)."""
+    return algo in ("fdg", "dp_fdg")
+
+
 def delay(algo: str, stage: int, num_stages: int) -> int:
     """Ticks between the forward of a batch on `stage` and its backward there."""
     later = num_stages - 1 - stage
     if algo in ("ddg", "fr"):
         return later
-    if algo == "fdg":
+    if pipelined(algo):
         return 2 * later
     return 0
 
 
 def forward_batch(algo: str, stage: int, tick: int) -> int:
     """The batch `stage` forwards at `tick` (may be < 0 during fill or >= batches in the drain)."""
-    return tick - stage if algo == "fdg" else tick
+    return tick - stage if pipelined(algo) else tick
 
 
 def num_ticks(algo: str, num_stages: int, num_batches: int) -> int:
     """Ticks needed for every batch to reach the last stage."""
-    return num_batches + (num_stages - 1 if algo == "fdg" else 0)
+    return num_batches + (num_stages - 1 if pipelined(algo) else 0)
 
 
 def _backward_tick(algo: str, stage: int, num_stages: int, batch: int) -> int:
-    return batch + delay(algo, stage, num_stages) + (stage if algo == "fdg" else 0)
+    return batch + delay(algo, stage, num_stages) + (stage if pipelined(algo) else 0)
 
 
 def tick_program(

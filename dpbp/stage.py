@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call
 
 from dpbp.schedule import delay as schedule_delay
+from dpbp.schedule import pipelined as schedule_pipelined
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,10 @@ class Stage:
         weights: str = "stash",
         beta: float = 1.0,
         autocast: Callable[[], object] | None = None,
+        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
+        """`grad_sync(grads)` averages the gradients in place across data-parallel replicas
+        before every update (dp_fdg); None for a single pipeline."""
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -100,7 +104,8 @@ class Stage:
         self.replay = algo == "fr" and self.delay > 0
         self.stash = weights == "stash" and self.delay > 0
         self.live_alias = weights == "live" and self.delay > 0
-        self.beta = beta if algo == "fdg" and not self.last else 1.0
+        self.beta = beta if schedule_pipelined(algo) and not self.last else 1.0
+        self.grad_sync = grad_sync
         self.params = dict(module.named_parameters())
         self._param_storages = {p.untyped_storage().data_ptr() for p in self.params.values()}
         self.pending: dict[int, Pending] = {}
@@ -214,6 +219,8 @@ class Stage:
 
     def step(self) -> None:
         """Apply the gradient the last backward set (SGD with momentum and weight decay)."""
+        if self.grad_sync is not None:
+            self.grad_sync([p.grad for p in self.params.values()])
         self.optimizer.step()
         for p in self.params.values():
             p.grad = None

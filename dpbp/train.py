@@ -138,9 +138,15 @@ class Feed:
     what ran before (resume and every executor see the same batches).
     """
 
-    def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
+    def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device,
+                 replica: int = 0, replicas: int = 1) -> None:
+        """With data-parallel replicas, global batch b holds replicas x batch_size samples and
+        replica r takes the r-th share of it (disjoint shards)."""
         self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
-        self.steps = steps_per_epoch(ds, batch_size)
+        self.replica, self.replicas = replica, replicas
+        self.steps = steps_per_epoch(ds, batch_size * replicas)
+        # replica 0 augments exactly as a single pipeline does; the others get their own stream
+        self.aug_seed = seed + 1_000_003 * replica
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _indices(self, batch: int) -> torch.Tensor:
@@ -148,10 +154,11 @@ class Feed:
         if self._perm is None or self._perm[0] != epoch:
             n = self.ds.train_x.shape[0]
             self._perm = (epoch, epoch_permutation(n, self.seed, epoch, self.device))
-        return self._perm[1][i * self.batch_size:(i + 1) * self.batch_size]
+        start = (i * self.replicas + self.replica) * self.batch_size
+        return self._perm[1][start:start + self.batch_size]
 
     def inputs(self, batch: int) -> torch.Tensor:
-        gen = batch_generator(self.seed, batch, self.device)
+        gen = batch_generator(self.aug_seed, batch, self.device)
         return make_train_batch(self.ds, self._indices(batch), gen)[0]
 
     def labels(self, batch: int) -> torch.Tensor:
@@ -178,7 +185,10 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
     modules = [nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
     shapes = output_shapes(modules, ds)
     k_total = len(modules)
-    mine = [ctx.rank] if ctx.distributed else list(range(k_total))
+    replicas = cfg.algo.replicas
+    replica, k_mine = divmod(ctx.rank, k_total)  # ranks: replica-major, module-minor
+    mine = [k_mine] if ctx.distributed else list(range(k_total))
+    executor = Executor(cfg, ctx, shapes, device, replica)
 
     autocast = None
     if cfg.trainer.amp and device.type == "cuda":
@@ -190,11 +200,13 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         if cfg.trainer.channels_last and device.type == "cuda":
             m = m.to(memory_format=torch.channels_last)
         stages.append(Stage(m, k, k_total, cfg.algo.name, make_optimizer(cfg, m),
-                            weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast))
+                            weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast,
+                            grad_sync=executor.grad_sync))
     del modules, blocks
-    last = stages[-1] if stages[-1].last else None
+    # replica 0's last stage reports for the run (the replicas hold the same weights)
+    last = stages[-1] if stages[-1].last and replica == 0 else None
 
-    feed = Feed(ds, cfg.trainer.batch_size, cfg.seed, device)
+    feed = Feed(ds, cfg.trainer.batch_size, cfg.seed, device, replica, replicas)
     total_epochs = cfg.trainer.epochs
     num_batches = total_epochs * feed.steps
     if cfg.trainer.max_steps is not None:
@@ -207,14 +219,14 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
     if cfg.resume:
         src = checkpoint.find(cfg.resume, run_dir)
         state = checkpoint.load(src, stages, cfg)
-    executor = Executor(cfg, stages, feed, ctx, shapes, device)
+    executor.attach(stages, feed)
     state.wall_start = state.wall_start or time.time()
     log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches, state.wall_start) \
         if (logger_factory and last is not None) else None
 
     try:
         for epoch in range(state.epoch, total_epochs):
-            lr = lr_at(cfg, epoch)
+            lr = lr_at(cfg, epoch) * (replicas if cfg.algo.scale_lr else 1)
             for s in stages:
                 for g in s.optimizer.param_groups:
                     g["lr"] = lr
@@ -226,11 +238,13 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                 executor.run(range(t, t_end), num_batches, end_tick)
                 if log is not None:
                     done = min(t_end, num_batches)
-                    ips = (done - first) * cfg.trainer.batch_size / (time.perf_counter() - t0)
+                    ips = ((done - first) * cfg.trainer.batch_size * replicas
+                           / (time.perf_counter() - t0))
                     log.advance(done, ips, last.running_loss())
             executor.sync()  # the epoch ends when every module has finished its ticks
             seconds = time.perf_counter() - t0
-            images = (min((epoch + 1) * feed.steps, num_batches) - first) * cfg.trainer.batch_size
+            images = ((min((epoch + 1) * feed.steps, num_batches) - first)
+                      * cfg.trainer.batch_size * replicas)
             state.train_seconds += seconds
             state.images += images
             if epoch == total_epochs - 1:
@@ -250,7 +264,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
             epoch_stats = executor.stage_stats()
             if log is not None:
                 log.stages(epoch + 1, epoch_stats, stop - first)
-            if cfg.trainer.checkpoint:
+            if cfg.trainer.checkpoint and replica == 0:
                 checkpoint.save(ckpt_dir, stages, state, cfg)
         stats = executor.stage_stats()
         executor.finish()
@@ -298,25 +312,47 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
 
 
 class Executor:
-    """Runs tick ranges on this process's stages: all of them (local) or one over P2P (dist)."""
+    """Runs tick ranges on this process's stages: all of them (local) or one over P2P (dist).
 
-    def __init__(self, cfg: RunConfig, stages: list[Stage], feed: Feed, ctx: WorkerContext,
-                 shapes: list[tuple[int, ...]], device: torch.device) -> None:
-        self.cfg, self.stages, self.feed, self.ctx, self.device = cfg, stages, feed, ctx, device
-        self.shapes = shapes
-        self.ranks = list(range(len(shapes)))
-        self.data_bytes = sum(t.untyped_storage().nbytes() for t in
-                              (feed.ds.train_x, feed.ds.train_y, feed.ds.test_x, feed.ds.test_y)
-                              if t.device == device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    Ranks form a replicas x modules grid, replica-major: rank = replica * K + module. Each
+    replica is one pipeline (P2P groups per boundary); module k of every replica forms a
+    data-parallel group that averages gradients before each update (dp_fdg).
+    """
+
+    def __init__(self, cfg: RunConfig, ctx: WorkerContext, shapes: list[tuple[int, ...]],
+                 device: torch.device, replica: int = 0) -> None:
+        self.cfg, self.ctx, self.device, self.shapes = cfg, ctx, device, shapes
+        k = len(shapes)
+        self.ranks = [replica * k + i for i in range(k)]  # this replica's pipeline
         self.busy = 0.0  # dist: wall seconds inside run(), idle included
+        self.grad_sync = None
         if ctx.distributed:
+            import torch.distributed as dist
+
             from dpbp import dist as p2p
 
-            groups = p2p.make_groups(self.ranks)
-            self.link = p2p.P2P(ctx.rank, self.ranks, shapes, cfg.trainer.batch_size, device,
-                                groups)
+            # group creation is collective: every rank creates every group, in the same order
+            pipes = [p2p.make_groups([r * k + i for i in range(k)])
+                     for r in range(cfg.algo.replicas)]
+            data_parallel = [dist.new_group([r * k + i for r in range(cfg.algo.replicas)])
+                             for i in range(k)]
+            self.groups = pipes[replica]
+            if cfg.algo.replicas > 1:
+                self.grad_sync = GradSync(data_parallel[ctx.rank % k], cfg.algo.replicas)
+
+    def attach(self, stages: list[Stage], feed: Feed) -> None:
+        """The stages this process runs and their data."""
+        self.stages, self.feed = stages, feed
+        self.data_bytes = sum(t.untyped_storage().nbytes() for t in
+                              (feed.ds.train_x, feed.ds.train_y, feed.ds.test_x, feed.ds.test_y)
+                              if t.device == self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.ctx.distributed:
+            from dpbp import dist as p2p
+
+            self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
+                                self.cfg.trainer.batch_size, self.device, self.groups)
         else:
             self.local = LocalExecutor(stages, feed)
 
@@ -336,6 +372,8 @@ class Executor:
     def evaluate(self, batches) -> tuple[float, float]:
         if not self.ctx.distributed:
             return self.local.evaluate(batches)
+        if self.ranks[0] != 0:  # replicas hold the same weights: replica 0 evaluates
+            return float("nan"), float("nan")
         totals = Totals()
         self.link.evaluate(self.stages[0], batches, totals)
         return totals.result() if self.stages[0].last else (float("nan"), float("nan"))
@@ -363,6 +401,7 @@ class Executor:
                     else s.stats.peak_bytes)
             mine.append({
                 "stage": s.index,
+                "replica": self.ranks[0] // len(self.shapes),
                 "history_bytes": s.stats.peak_bytes,
                 "peak_memory_bytes": peak,
                 "memory_measure": "cuda_allocator" if own_gpu else "held_tensors",
@@ -374,10 +413,12 @@ class Executor:
             return mine
         import torch.distributed as dist
 
-        last = self.ranks[-1]
+        last = len(self.shapes) - 1  # replica 0's last stage reports for the run
         everyone: list[Any] | None = [None] * self.ctx.world_size if self.ctx.rank == last else None
         dist.gather_object(mine, everyone, dst=last)
-        return [m for part in everyone for m in part] if everyone is not None else None
+        if everyone is None:
+            return None
+        return [m for part in everyone for m in part if m["replica"] == 0]
 
     def sync(self) -> None:
         """Wait until every module has finished the ticks run so far."""
@@ -392,3 +433,26 @@ class Executor:
         """Wait for the last sends (before the process group goes away)."""
         if self.ctx.distributed:
             self.link.flush()
+
+
+class GradSync:
+    """Average a module's gradients over its data-parallel group before each update (dp_fdg).
+
+    One all-reduce of all the module's gradients flattened into one buffer per update: every
+    replica's module k updates at the same ticks (same schedule), so the collective matches up.
+    It is synchronous: the update needs the average, and the next tick's forward needs the
+    update.
+    """
+
+    def __init__(self, group, replicas: int) -> None:
+        self.group, self.replicas = group, replicas
+
+    def __call__(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.replicas
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(avg)

@@ -63,7 +63,8 @@ def test_every_option_of_every_group_composes_and_validates(group):
     options = group_options(group)
     assert options, f"no YAML files in conf/{group}"
     for option in options:
-        d = compose_dict(f"{group}={option}")
+        # dp_fdg's 2 replicas need at least 2 workers
+        d = compose_dict(f"{group}={option}", *(["gpus=4"] if option == "dp_fdg" else []))
         cfg = from_dict(d)  # every key of every YAML file is a known setting of the right type
         validate(cfg)
         if group == "model":
@@ -169,9 +170,14 @@ def test_validate_accepts_the_boundaries():
                                     "split.balance": [5, 6], "trainer.max_steps": 1}))
 
 
-def test_replicas_are_refused_until_data_parallel_fdg_exists():
-    with pytest.raises(ConfigError, match="not implemented yet"):
+def test_replicas_belong_to_dp_fdg_and_to_processes():
+    with pytest.raises(ConfigError, match="use algo=dp_fdg"):
         validate(_with(run_config(), **{"gpus": 4, "algo.replicas": 2}))
+    with pytest.raises(ConfigError, match="executor=dist"):
+        validate(_with(run_config("algo=dp_fdg", "gpus=4", "executor=local")))
+    cfg = run_config("algo=dp_fdg", "gpus=6", "algo.replicas=3")
+    validate(cfg)
+    assert (cfg.modules, cfg.algo.replicas) == (2, 3)
 
 
 def test_run_config_fields_match_the_primary_yaml():

@@ -73,6 +73,7 @@ def test_model_names() -> None:
         "resnet1202",
         "wrn28_10",
         "resnet18",
+        "mlp",
     ]
     names.append("mutated")  # callers get a copy
     assert "mutated" not in model_names()

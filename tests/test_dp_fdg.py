@@ -1,0 +1,47 @@
+"""Data-parallel FDG on a replicas x modules grid of real gloo processes."""
+
+import torch
+
+from dpbp.config import RunConfig, validate
+from dpbp.data import DataConfig
+from dpbp.launch import launch
+from dpbp.train import train
+
+
+def config(algo, gpus, replicas, batch, model="resnet20", augment="auto", executor="dist"):
+    cfg = RunConfig(model=model, data=DataConfig(name="digits", augment=augment), gpus=gpus,
+                    device="cpu", executor=executor, seed=2)
+    cfg.algo.name, cfg.algo.replicas, cfg.algo.beta = algo, replicas, 0.5
+    cfg.sched.milestones = [100]
+    cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_steps = 2, batch, 30
+    cfg.trainer.progress, cfg.trainer.log_every = False, 7
+    validate(cfg)
+    return cfg
+
+
+def params(run_dir, k):
+    return [torch.load(run_dir / "checkpoints" / f"stage{s}.pt", weights_only=True)["module"]
+            for s in range(k)]
+
+
+def test_one_replica_is_fdg(tmp_path):
+    dp = launch(config("dp_fdg", 2, 1, 64), tmp_path / "dp")
+    fdg = train(config("fdg", 2, 1, 64, executor="local"), tmp_path / "fdg")
+    strip = [[{k: v for k, v in e.items() if k != "train_seconds"} for e in s["history"]]
+             for s in (dp, fdg)]
+    assert strip[0] == strip[1] and dp["replicas"] == 1 and dp["updates"] == fdg["updates"]
+    for a, b in zip(params(tmp_path / "dp", 2), params(tmp_path / "fdg", 2)):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_two_replicas_of_batch_b_equal_fdg_with_batch_2b(tmp_path):
+    """Without BatchNorm, averaging the replicas' gradients is the gradient of the whole batch."""
+    dp = launch(config("dp_fdg", 4, 2, 32, model="mlp", augment="none"), tmp_path / "dp")
+    fdg = train(config("fdg", 2, 1, 64, model="mlp", augment="none", executor="local"),
+                tmp_path / "fdg")
+    assert (dp["modules"], dp["replicas"], dp["gpus"]) == (2, 2, 4)
+    assert dp["steps"] == fdg["steps"] == 30 and dp["updates"] == fdg["updates"]
+    for a, b in zip(params(tmp_path / "dp", 2), params(tmp_path / "fdg", 2)):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+    assert dp["final_test_acc"] == fdg["final_test_acc"]
