@@ -15,7 +15,7 @@ from typing import Any
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
 
-ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg")
+ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp")
 
 
 @dataclass
@@ -181,11 +181,14 @@ def validate(cfg: RunConfig) -> None:
                           "(gpus=1 trains on one device).")
     if a.replicas < 1 or cfg.gpus % a.replicas:
         raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
-    if a.replicas > 1 and a.name != "dp_fdg":
+    if a.name == "ddp" and a.replicas != cfg.gpus:
+        raise ConfigError(f"algo=ddp trains one module on each of gpus={cfg.gpus} workers; "
+                          "leave algo.replicas unset (it follows gpus).")
+    if a.replicas > 1 and a.name not in ("dp_fdg", "ddp"):
         raise ConfigError(f"algo={a.name} has one pipeline; use algo=dp_fdg for "
                           f"algo.replicas={a.replicas} data-parallel replicas of FDG.")
     if a.replicas > 1 and cfg.executor == "local":
-        raise ConfigError("dp_fdg runs its replicas as processes: use executor=dist.")
+        raise ConfigError(f"algo={a.name} runs its replicas as processes: use executor=dist.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
     if cfg.executor not in ("dist", "local"):

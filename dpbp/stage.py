@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 
 from dpbp.schedule import delay as schedule_delay
 from dpbp.schedule import pipelined as schedule_pipelined
@@ -177,6 +178,11 @@ class Stage:
             target, grad_out = loss, None
         else:
             target, grad_out = out, grad * self.beta if self.beta != 1.0 else grad
+        if isinstance(self.module, DistributedDataParallel):
+            # DDP averages gradients from hooks on gradient accumulation, overlapped with the
+            # backward: it needs .backward(), which autograd.grad would bypass
+            torch.autograd.backward(target, grad_out)
+            return None
         inputs = list(weights.values()) + ([x] if self.index > 0 else [])
         grads = torch.autograd.grad(target, inputs, grad_out)
         for param, g in zip(self.params.values(), grads):

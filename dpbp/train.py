@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dpbp import checkpoint, schedule
 from dpbp.config import RunConfig
@@ -199,6 +200,12 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         m = modules[k].to(device)
         if cfg.trainer.channels_last and device.type == "cuda":
             m = m.to(memory_format=torch.channels_last)
+        if cfg.algo.name == "ddp" and ctx.distributed:
+            # buffers stay per replica (BatchNorm statistics), so that replica 0 can evaluate
+            # alone: broadcasting them would be a collective in every forward
+            m = DistributedDataParallel(m, process_group=executor.dp_group,
+                                        broadcast_buffers=False,
+                                        device_ids=[device] if device.type == "cuda" else None)
         stages.append(Stage(m, k, k_total, cfg.algo.name, make_optimizer(cfg, m),
                             weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast,
                             grad_sync=executor.grad_sync))
@@ -337,8 +344,9 @@ class Executor:
             data_parallel = [dist.new_group([r * k + i for r in range(cfg.algo.replicas)])
                              for i in range(k)]
             self.groups = pipes[replica]
-            if cfg.algo.replicas > 1:
-                self.grad_sync = GradSync(data_parallel[ctx.rank % k], cfg.algo.replicas)
+            self.dp_group = data_parallel[ctx.rank % k]
+            if cfg.algo.replicas > 1 and cfg.algo.name == "dp_fdg":  # ddp: DDP averages
+                self.grad_sync = GradSync(self.dp_group, cfg.algo.replicas)
 
     def attach(self, stages: list[Stage], feed: Feed) -> None:
         """The stages this process runs and their data."""

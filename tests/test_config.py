@@ -175,6 +175,9 @@ def test_replicas_belong_to_dp_fdg_and_to_processes():
         validate(_with(run_config(), **{"gpus": 4, "algo.replicas": 2}))
     with pytest.raises(ConfigError, match="executor=dist"):
         validate(_with(run_config("algo=dp_fdg", "gpus=4", "executor=local")))
+    with pytest.raises(ConfigError, match="follows gpus"):
+        validate(_with(run_config("algo=ddp", "gpus=4"), **{"algo.replicas": 2}))
+    assert run_config("algo=ddp", "gpus=3").algo.replicas == 3
     cfg = run_config("algo=dp_fdg", "gpus=6", "algo.replicas=3")
     validate(cfg)
     assert (cfg.modules, cfg.algo.replicas) == (2, 3)

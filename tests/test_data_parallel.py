@@ -1,4 +1,4 @@
-"""Data-parallel FDG on a replicas x modules grid of real gloo processes."""
+"""Data parallelism on a replicas x modules grid of real gloo processes: dp_fdg and ddp."""
 
 import torch
 
@@ -45,3 +45,16 @@ def test_two_replicas_of_batch_b_equal_fdg_with_batch_2b(tmp_path):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
     assert dp["final_test_acc"] == fdg["final_test_acc"]
+
+
+def test_ddp_of_batch_b_equals_bp_with_batch_2b(tmp_path):
+    """torch's DistributedDataParallel on 2 workers: the gradient of the whole global batch."""
+    cfg = config("ddp", 2, 2, 32, model="mlp", augment="none")
+    ddp = launch(cfg, tmp_path / "ddp")
+    bp = train(config("bp", 1, 1, 64, model="mlp", augment="none", executor="local"),
+               tmp_path / "bp")
+    assert (ddp["modules"], ddp["replicas"]) == (1, 2) and ddp["steps"] == bp["steps"]
+    (a,), (b,) = params(tmp_path / "ddp", 1), params(tmp_path / "bp", 1)
+    assert {n.removeprefix("module.") for n in a} == set(b)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n.removeprefix("module.")], rtol=1e-5, atol=1e-6)
