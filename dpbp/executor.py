@@ -4,7 +4,7 @@
 has not arrived it yields, and whoever drives it retries later. The local executor drives all
 stages' generators round-robin in one process (deterministic, used by tests and single-device
 runs); in a distributed run each process drives its own stage's generator over dist.P2P, whose
-receives block instead (train.Executor).
+receives block instead (grid.Executor).
 The same code therefore computes the same numbers under both.
 """
 

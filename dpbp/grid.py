@@ -1,0 +1,166 @@
+"""The process grid of a run and what each process executes on it.
+
+Ranks form a replicas x modules grid, replica-major: rank = replica * K + module. Each replica is
+one pipeline (its own P2P groups per boundary, dist.py); module k of every replica forms a
+data-parallel group (dp_fdg averages gradients over it with `GradSync`; ddp hands it to torch's
+DistributedDataParallel). `Executor` runs ranges of ticks on this process's stages: all of them
+in one process (executor=local) or one stage per process over P2P (dist).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dpbp import schedule
+from dpbp.config import RunConfig
+from dpbp.executor import LocalExecutor, Totals, run_program
+from dpbp.stage import Stage
+
+if TYPE_CHECKING:
+    from dpbp.train import Feed, WorkerContext
+
+
+class Executor:
+    """Runs tick ranges on this process's stages: all of them (local) or one over P2P (dist)."""
+
+    def __init__(self, cfg: RunConfig, ctx: WorkerContext, shapes: list[tuple[int, ...]],
+                 device: torch.device, replica: int = 0) -> None:
+        self.cfg, self.ctx, self.device, self.shapes = cfg, ctx, device, shapes
+        k = len(shapes)
+        self.ranks = [replica * k + i for i in range(k)]  # this replica's pipeline
+        self.busy = 0.0  # dist: wall seconds inside run(), idle included
+        self.grad_sync = None
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            from dpbp import dist as p2p
+
+            # group creation is collective: every rank creates every group, in the same order
+            pipes = [p2p.make_groups([r * k + i for i in range(k)])
+                     for r in range(cfg.algo.replicas)]
+            data_parallel = [dist.new_group([r * k + i for r in range(cfg.algo.replicas)])
+                             for i in range(k)]
+            self.groups = pipes[replica]
+            self.dp_group = data_parallel[ctx.rank % k]
+            if cfg.algo.replicas > 1 and cfg.algo.name == "dp_fdg":  # ddp: DDP averages
+                self.grad_sync = GradSync(self.dp_group, cfg.algo.replicas)
+
+    def attach(self, stages: list[Stage], feed: Feed) -> None:
+        """The stages this process runs and their data."""
+        self.stages, self.feed = stages, feed
+        self.data_bytes = sum(t.untyped_storage().nbytes() for t in
+                              (feed.ds.train_x, feed.ds.train_y, feed.ds.test_x, feed.ds.test_y)
+                              if t.device == self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.ctx.distributed:
+            from dpbp import dist as p2p
+
+            self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
+                                self.cfg.trainer.batch_size, self.device, self.groups)
+        else:
+            self.local = LocalExecutor(stages, feed)
+
+    def run(self, ticks: range, num_batches: int, end_tick: int) -> None:
+        algo, k = self.cfg.algo.name, len(self.shapes)
+        programs = [schedule.program(algo, s.index, k, ticks, num_batches, end_tick)
+                    for s in self.stages]
+        if not self.ctx.distributed:
+            self.local.run(programs)
+            return
+        t0 = time.perf_counter()
+        self.link.expect(programs[0])
+        for _ in run_program(self.stages[0], programs[0], self.link, self.feed):
+            raise RuntimeError("a blocking receive returned nothing")
+        self.busy += time.perf_counter() - t0
+
+    def evaluate(self, batches) -> tuple[float, float]:
+        if not self.ctx.distributed:
+            return self.local.evaluate(batches)
+        if self.ranks[0] != 0:  # replicas hold the same weights: replica 0 evaluates
+            return float("nan"), float("nan")
+        totals = Totals()
+        self.link.evaluate(self.stages[0], batches, totals)
+        return totals.result() if self.stages[0].last else (float("nan"), float("nan"))
+
+    def stage_stats(self) -> list[dict[str, Any]] | None:
+        """Cumulative per-module statistics, gathered on the process of the last stage.
+
+        compute = time the module's process computed (dist: wall time minus time blocked on a
+        message; local: time spent running that stage); idle = time blocked on a message. Both
+        are host times, meaningful on CPU only (CUDA work is asynchronous): None on CUDA.
+        peak_memory_bytes = the CUDA allocator's peak above the data held on the device when
+        the module has a GPU of its own, else the bytes the algorithm holds for in-flight
+        batches (history_bytes).
+        """
+        cuda = self.device.type == "cuda"
+        own_gpu = cuda and self.ctx.distributed
+        mine = []
+        for s in self.stages:
+            if self.ctx.distributed:
+                idle = self.link.idle_seconds
+                compute = self.busy - idle
+            else:
+                idle, compute = 0.0, self.local.seconds[s.index]
+            peak = (torch.cuda.max_memory_allocated(self.device) - self.data_bytes if own_gpu
+                    else s.stats.peak_bytes)
+            mine.append({
+                "stage": s.index,
+                "replica": self.ranks[0] // len(self.shapes),
+                "history_bytes": s.stats.peak_bytes,
+                "peak_memory_bytes": peak,
+                "memory_measure": "cuda_allocator" if own_gpu else "held_tensors",
+                "compute_seconds": None if cuda else compute,
+                "idle_seconds": None if cuda else idle,
+                "updates": s.stats.updates,
+            })
+        if not self.ctx.distributed:
+            return mine
+        import torch.distributed as dist
+
+        last = len(self.shapes) - 1  # replica 0's last stage reports for the run
+        everyone: list[Any] | None = [None] * self.ctx.world_size if self.ctx.rank == last else None
+        dist.gather_object(mine, everyone, dst=last)
+        if everyone is None:
+            return None
+        return [m for part in everyone for m in part if m["replica"] == 0]
+
+    def sync(self) -> None:
+        """Wait until every module has finished the ticks run so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def finish(self) -> None:
+        """Wait for the last sends (before the process group goes away)."""
+        if self.ctx.distributed:
+            self.link.flush()
+
+
+class GradSync:
+    """Average a module's gradients over its data-parallel group before each update (dp_fdg).
+
+    One all-reduce of all the module's gradients flattened into one buffer per update: every
+    replica's module k updates at the same ticks (same schedule), so the collective matches up.
+    It is synchronous: the update needs the average, and the next tick's forward needs the
+    update.
+    """
+
+    def __init__(self, group, replicas: int) -> None:
+        self.group, self.replicas = group, replicas
+
+    def __call__(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.replicas
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(avg)
