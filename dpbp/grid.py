@@ -128,6 +128,14 @@ class Executor:
             return None
         return [m for part in everyone for m in part if m["replica"] == 0]
 
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over this module's data-parallel group (itself with one replica)."""
+        if self.ctx.distributed and self.cfg.algo.replicas > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
     def sync(self) -> None:
         """Wait until every module has finished the ticks run so far."""
         if self.device.type == "cuda":

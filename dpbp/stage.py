@@ -208,18 +208,20 @@ class Stage:
         s.seen += n
 
     def running_loss(self) -> float | None:
-        """Mean training loss since the last `take_train_metrics` (one device sync)."""
+        """Mean training loss since the last `take_train_sums` (one device sync)."""
         s = self.stats
         return s.loss_sum.item() / s.seen if s.seen else None
 
-    def take_train_metrics(self) -> tuple[float, float] | None:
-        """(mean loss, accuracy) of the batches trained since the last call; one device sync."""
+    def take_train_sums(self) -> torch.Tensor:
+        """[summed loss, correct, samples] of the batches trained since the last call (float64,
+        on the device: replicas can add theirs up with one all-reduce)."""
         s = self.stats
-        if not s.seen:
-            return None
-        loss, acc = s.loss_sum.item() / s.seen, s.correct.item() / s.seen
+        device = s.loss_sum.device if s.loss_sum is not None else "cpu"
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        if s.seen:
+            sums[0], sums[1], sums[2] = s.loss_sum, s.correct, s.seen
         s.loss_sum, s.correct, s.seen = None, None, 0
-        return loss, acc
+        return sums
 
     # -- update ------------------------------------------------------------------------------
 

@@ -260,8 +260,12 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
             test_loss, test_acc = executor.evaluate(
                 test_batches(ds, cfg.trainer.eval_batch_size))
             state.epoch = epoch + 1
+            if stages[-1].last:  # every replica's last stage: training metrics of all shards
+                sums = executor.sum_over_replicas(stages[-1].take_train_sums())
             if last is not None:
-                train_loss, train_acc = last.take_train_metrics() or (float("nan"),) * 2
+                loss_sum, correct, seen = sums.tolist()
+                train_loss, train_acc = ((loss_sum / seen, correct / seen) if seen
+                                         else (float("nan"), float("nan")))
                 state.best_test_acc = max(state.best_test_acc, test_acc)
                 entry = EpochLog(epoch + 1, train_loss, train_acc, test_loss, test_acc, lr,
                                  state.train_seconds, images)

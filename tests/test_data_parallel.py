@@ -1,5 +1,6 @@
 """Data parallelism on a replicas x modules grid of real gloo processes: dp_fdg and ddp."""
 
+import pytest
 import torch
 
 from dpbp.config import RunConfig, validate
@@ -45,6 +46,11 @@ def test_two_replicas_of_batch_b_equal_fdg_with_batch_2b(tmp_path):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
     assert dp["final_test_acc"] == fdg["final_test_acc"]
+    # training metrics cover every replica's share of the global batch
+    for a, b in zip(dp["history"], fdg["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-9)
+        assert a["images"] == b["images"]
 
 
 def test_ddp_of_batch_b_equals_bp_with_batch_2b(tmp_path):
