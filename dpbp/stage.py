@@ -118,7 +118,8 @@ class Stage:
 
     def forward(self, batch: int, x: torch.Tensor) -> torch.Tensor:
         """Forward `batch`; keep what its backward needs; return the output (detached)."""
-        self.module.train()
+        if not self.module.training:  # a walk over every submodule: skip it when possible
+            self.module.train()
         if self.replay:
             with torch.no_grad(), self._autocast():
                 out = self.module(x)
