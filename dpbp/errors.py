@@ -1,6 +1,10 @@
 """The one exception type for bad input: the CLI prints its message and exits with status 2."""
 
 
+class Divergence(RuntimeError):
+    """Training produced a non-finite loss: the run stops and keeps its last good checkpoint."""
+
+
 class ConfigError(Exception):
     """A user error (bad config value, missing dataset, ...).
 

@@ -76,6 +76,7 @@ class StageStats:
     correct: torch.Tensor | None = None
     seen: int = 0
     updates: int = 0
+    first_bad: torch.Tensor | None = None  # last stage: first batch with a non-finite loss
 
 
 class Stage:
@@ -175,7 +176,7 @@ class Stage:
         x = p.x
         if self.last:
             loss = F.cross_entropy(full_precision(out), grad)
-            self._count(out, grad, loss)
+            self._count(out, grad, loss, batch)
             target, grad_out = loss, None
         else:
             target, grad_out = out, grad * self.beta if self.beta != 1.0 else grad
@@ -199,14 +200,25 @@ class Stage:
             out = functional_call(self.module, {**self.params, **buffers}, (x,))
         return out, self.params
 
-    def _count(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+    def _count(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
+               batch: int) -> None:
         n = labels.numel()
         s = self.stats
+        # remember the first batch with a non-finite loss without a device sync per step
+        if s.first_bad is None:
+            s.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        s.first_bad = torch.where(~torch.isfinite(loss.detach()) & (s.first_bad < 0),
+                                  torch.full_like(s.first_bad, batch), s.first_bad)
         lsum = loss.detach() * n
         corr = (logits.detach().argmax(1) == labels).sum()
         s.loss_sum = lsum if s.loss_sum is None else s.loss_sum + lsum
         s.correct = corr if s.correct is None else s.correct + corr
         s.seen += n
+
+    def first_nonfinite_batch(self) -> int | None:
+        """The first batch whose loss was NaN or infinite, if any (one device sync)."""
+        fb = self.stats.first_bad
+        return None if fb is None or fb.item() < 0 else int(fb.item())
 
     def running_loss(self) -> float | None:
         """Mean training loss since the last `take_train_sums` (one device sync)."""

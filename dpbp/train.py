@@ -26,7 +26,7 @@ from dpbp import checkpoint, schedule
 from dpbp.config import RunConfig
 from dpbp.data import Dataset, batch_generator, epoch_permutation, load_dataset, test_batches
 from dpbp.data import train_batch as make_train_batch
-from dpbp.errors import ConfigError
+from dpbp.errors import ConfigError, Divergence
 from dpbp.grid import Executor
 from dpbp.logs import write_summary
 from dpbp.models import build_blocks
@@ -243,6 +243,13 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
             for t in range(first, stop, cfg.trainer.log_every):
                 t_end = min(t + cfg.trainer.log_every, stop)
                 executor.run(range(t, t_end), num_batches, end_tick)
+                if stages[-1].last and (bad := stages[-1].first_nonfinite_batch()) is not None:
+                    kept = (f"the checkpoint of epoch {state.epoch} in {ckpt_dir} is the last "
+                            "good one" if state.epoch and cfg.trainer.checkpoint
+                            else "no checkpoint was written before it")
+                    raise Divergence(
+                        f"non-finite training loss at batch {bad} (epoch {bad // feed.steps + 1},"
+                        f" module {k_total} computes the loss); {kept}; lower optim.lr")
                 if log is not None:
                     done = min(t_end, num_batches)
                     ips = ((done - first) * cfg.trainer.batch_size * replicas

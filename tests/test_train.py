@@ -94,3 +94,18 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path):
     momenta_b = [s["momentum_buffer"] for s in ck_b["optimizer"]["state"].values()]
     assert len(momenta_a) == len(momenta_b) > 0
     assert all(torch.equal(x, y) for x, y in zip(momenta_a, momenta_b, strict=True))
+
+
+def test_divergence_stops_the_run_naming_the_batch_and_keeps_the_good_checkpoint(tmp_path):
+    from dpbp.errors import Divergence
+
+    # epoch 1 trains normally; at epoch 2 the lr jumps by 1e12 and the loss blows up
+    cfg = make_cfg("trainer.epochs=3", "sched.milestones=[1]", "sched.gamma=1e12")
+    with pytest.raises(Divergence, match=r"non-finite training loss at batch (\d+) \(epoch 2") as e:
+        train(cfg, tmp_path)
+    bad = int(e.value.args[0].split("batch ")[1].split(" ")[0])
+    assert bad >= STEPS_PER_EPOCH  # in epoch 2, not before
+    assert "checkpoint of epoch 1" in str(e.value)
+    ck = torch.load(tmp_path / "checkpoints" / "stage0.pt", weights_only=True)
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["module"].values() if v.is_floating_point())
