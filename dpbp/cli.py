@@ -28,6 +28,7 @@ USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 commands:
   train   train a model with bp, ddg, fr or fdg (a Hydra app: overrides, -m sweeps, --help, --cfg)
   report  the accuracy/speed table of runs or sweeps, from their summary.json files
+  schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule fdg 3)
 
 examples:
   dpbp train                                       ResNet-20 on digits on the CPU
@@ -130,6 +131,24 @@ def train_app(cfg: DictConfig) -> float | None:
     return summary["final_test_acc"]
 
 
+def print_schedule(args: list[str]) -> int:
+    """`dpbp schedule ALGO K [BATCHES]`: the module x tick table of an algorithm's schedule."""
+    from dpbp.config import ALGOS
+    from dpbp.schedule import format_table
+
+    if len(args) not in (2, 3) or args[0] not in ALGOS or not all(a.isdigit() for a in args[1:]) \
+            or int(args[1]) < 1:
+        print(f"dpbp: usage: dpbp schedule ALGO K [BATCHES] with ALGO one of {', '.join(ALGOS)}"
+              " and K >= 1, e.g. dpbp schedule fdg 3.", file=sys.stderr)
+        return 2
+    algo, k = args[0], int(args[1])
+    batches = int(args[2]) if len(args) == 3 else 2 * k + 2
+    print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step; >A/<A send/receive an "
+          "activation, >G/<G an error gradient; stage s is module s+1")
+    print(format_table(algo, k, batches))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `dpbp <command> ...`; return the exit status (0 done, 1 failed, 2 bad input)."""
     global _job_failed
@@ -139,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "schedule":
+        return print_schedule(rest)
     if command == "report":
         from dpbp.report import main as report_main
 

@@ -254,3 +254,11 @@ def test_real_cli_resnet110_parameter_count(tmp_path):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["num_parameters"] == 1727962  # He et al. 2016: 1.7M
     assert s["status"] == "completed" and s["steps"] == 2
+
+
+def test_schedule_command_prints_the_table(capsys):
+    assert cli.main(["schedule", "ddg", "2", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "F1 >A1 <G0 B0 S" in out and "<A2 F2 B2 >G2 S" in out
+    assert cli.main(["schedule", "ddg", "zero"]) == 2
+    assert "usage: dpbp schedule" in capsys.readouterr().err
