@@ -15,7 +15,8 @@ from typing import Any
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
 
-ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp")
+ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "pdasgd", "hogwild")
+ASYNC = ("pdasgd", "hogwild")  # one whole model per device, threads inside (asgd.py)
 
 
 @dataclass
@@ -25,6 +26,9 @@ class AlgoConfig:
     beta: float = 1.0  # fdg: gradient shrinking per module boundary
     replicas: int = 1  # data-parallel replicas (dp_fdg); 1 everywhere else
     scale_lr: bool = False  # dp_fdg: multiply optim.lr by replicas (the linear scaling rule)
+    forward_threads: int = 1  # pdasgd/hogwild: threads per device
+    backward_threads: int = 2
+    average_every: int = 10  # pdasgd/hogwild, gpus > 1: local steps between parameter averages
 
 
 @dataclass
@@ -181,10 +185,15 @@ def validate(cfg: RunConfig) -> None:
                           "(gpus=1 trains on one device).")
     if a.replicas < 1 or cfg.gpus % a.replicas:
         raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
-    if a.name == "ddp" and a.replicas != cfg.gpus:
-        raise ConfigError(f"algo=ddp trains one module on each of gpus={cfg.gpus} workers; "
+    if a.name in ("ddp", *ASYNC) and a.replicas != cfg.gpus:
+        raise ConfigError(f"algo={a.name} trains one model on each of gpus={cfg.gpus} workers; "
                           "leave algo.replicas unset (it follows gpus).")
-    if a.replicas > 1 and a.name not in ("dp_fdg", "ddp"):
+    if min(a.forward_threads, a.backward_threads, a.average_every) < 1:
+        raise ConfigError("algo.forward_threads, algo.backward_threads and algo.average_every "
+                          "must be at least 1.")
+    if a.name in ASYNC and cfg.resume:
+        raise ConfigError(f"algo={a.name} writes no checkpoints to resume from yet; start anew.")
+    if a.replicas > 1 and a.name not in ("dp_fdg", "ddp", *ASYNC):
         raise ConfigError(f"algo={a.name} has one pipeline; use algo=dp_fdg for "
                           f"algo.replicas={a.replicas} data-parallel replicas of FDG.")
     if a.replicas > 1 and cfg.executor == "local":

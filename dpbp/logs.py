@@ -124,7 +124,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 def summary_table(summary: dict[str, Any]) -> Table:
     t = Table(title=f"dpbp {summary['algo']} {summary['model']} on {summary['data']}",
               show_header=False)
-    mib = ", ".join(f"{b / 2**20:.1f}" for b in summary["peak_memory_bytes"])
+    mib = ", ".join("n/a" if b is None else f"{b / 2**20:.1f}"
+                    for b in summary["peak_memory_bytes"])
     rows = [
         ("status", summary["status"]),
         ("modules x replicas", f"{summary['modules']} x {summary['replicas']}"

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dpbp import checkpoint, schedule
-from dpbp.config import RunConfig
+from dpbp.config import ASYNC, RunConfig
 from dpbp.data import Dataset, batch_generator, epoch_permutation, load_dataset, test_batches
 from dpbp.data import train_batch as make_train_batch
 from dpbp.errors import ConfigError, Divergence
@@ -176,6 +176,10 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
           logger_factory=None) -> dict[str, Any] | None:
     """Train as configured; return the summary on the process that holds the last stage."""
     ctx = ctx or WorkerContext()
+    if cfg.algo.name in ASYNC:
+        from dpbp.asgd import train_async
+
+        return train_async(cfg, run_dir, ctx, logger_factory)
     device = pick_device(cfg, ctx.local_rank)
     if device.type == "cpu" and cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
