@@ -206,8 +206,7 @@ def train_async(cfg, run_dir: Path, ctx, logger_factory=None) -> dict[str, Any] 
     """The run of pdasgd/hogwild: one process per device, threads inside."""
     from dpbp.data import load_dataset, test_batches
     from dpbp.executor import Totals
-    from dpbp.logs import write_summary
-    from dpbp.train import EpochLog, Feed, RunState, build_model, lr_at, pick_device
+    from dpbp.train import EpochLog, Feed, RunState, build_model, finish_run, lr_at, pick_device
 
     device = pick_device(cfg, ctx.local_rank)
     if device.type == "cpu" and cfg.trainer.threads:
@@ -272,29 +271,16 @@ def train_async(cfg, run_dir: Path, ctx, logger_factory=None) -> dict[str, Any] 
             log.close_progress()
     if not report:
         return None
-    final = state.history[-1]
     stale = sgd.meter.summary()
-    summary = {
-        "status": "completed", "algo": a.name, "model": cfg.model, "data": cfg.data.name,
-        "gpus": cfg.gpus, "modules": 1, "replicas": world, "seed": cfg.seed,
-        "epochs": state.epoch, "steps": num_batches,
-        "executor": "dist" if ctx.distributed else "local", "device": device.type,
-        "num_parameters": num_parameters, "split": [len(model)],
-        "final_test_acc": final["test_acc"], "best_test_acc": state.best_test_acc,
-        "final_test_loss": final["test_loss"], "final_train_loss": final["train_loss"],
-        "train_seconds": state.train_seconds,
-        "images_per_second": state.images / max(state.train_seconds, 1e-9),
-        "peak_memory_bytes": [torch.cuda.max_memory_allocated(device)
-                              if device.type == "cuda" else None],
-        "memory_measure": "cuda_allocator" if device.type == "cuda" else "none",
-        "updates": [sgd.steps],
-        "staleness": stale,
-        "staleness_mean": sum(s["mean"] for s in stale.values()) / len(stale),
-        "staleness_max": max(s["max"] for s in stale.values()),
-        "history": state.history,
-        "config": cfg.to_dict(),
-    }
-    if log is not None:
-        log.finish(summary)
-    write_summary(run_dir, summary)
-    return summary
+    return finish_run(cfg, run_dir, log, state, ctx, device, num_parameters, [len(model)],
+                      num_batches, {
+                          "modules": 1,
+                          "peak_memory_bytes": [torch.cuda.max_memory_allocated(device)
+                                                if device.type == "cuda" else None],
+                          "memory_measure": "cuda_allocator" if device.type == "cuda"
+                          else "none",
+                          "updates": [sgd.steps],
+                          "staleness": stale,
+                          "staleness_mean": sum(s["mean"] for s in stale.values()) / len(stale),
+                          "staleness_max": max(s["max"] for s in stale.values()),
+                      })

@@ -296,6 +296,23 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
 
     if last is None:
         return None
+    return finish_run(cfg, run_dir, log, state, ctx, device, num_parameters, counts,
+                      num_batches, {
+                          "modules": k_total,
+                          "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+                          "memory_measure": stats[0]["memory_measure"],
+                          "history_memory_bytes": [s["history_bytes"] for s in stats],
+                          "compute_seconds": [s["compute_seconds"] for s in stats],
+                          "idle_seconds": [s["idle_seconds"] for s in stats],
+                          "updates": [s["updates"] for s in stats],
+                      })
+
+
+def finish_run(cfg: RunConfig, run_dir: Path, log, state: RunState, ctx: WorkerContext,
+               device: torch.device, num_parameters: int, split: list[int], steps: int,
+               per_algorithm: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary (the contract's keys plus `per_algorithm`'s): written to
+    summary.json and handed to the logger; returned."""
     final = state.history[-1]
     summary = {
         "status": "completed",
@@ -303,27 +320,21 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         "model": cfg.model,
         "data": cfg.data.name,
         "gpus": cfg.gpus,
-        "modules": k_total,
         "replicas": cfg.algo.replicas,
         "seed": cfg.seed,
         "epochs": state.epoch,
-        "steps": num_batches,
+        "steps": steps,
         "executor": "local" if not ctx.distributed else "dist",
         "device": device.type,
         "num_parameters": num_parameters,
-        "split": counts,
+        "split": split,
         "final_test_acc": final["test_acc"],
         "best_test_acc": state.best_test_acc,
         "final_test_loss": final["test_loss"],
         "final_train_loss": final["train_loss"],
         "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9),
-        "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
-        "memory_measure": stats[0]["memory_measure"],
-        "history_memory_bytes": [s["history_bytes"] for s in stats],
-        "compute_seconds": [s["compute_seconds"] for s in stats],
-        "idle_seconds": [s["idle_seconds"] for s in stats],
-        "updates": [s["updates"] for s in stats],
+        **per_algorithm,
         "history": state.history,
         "config": cfg.to_dict(),
     }
