@@ -26,7 +26,8 @@ from dpbp.errors import ConfigError
 USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 
 commands:
-  train   train a model with bp, ddg, fr or fdg (a Hydra app: overrides, -m sweeps, --help, --cfg)
+  train   train a model with any algo (a Hydra app: overrides, -m sweeps, --help, --cfg)
+  bench   timed short runs of each algo on 1..W workers: speedup, efficiency, ceiling, memory
   report  the accuracy/speed table of runs or sweeps, from their summary.json files
   schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule fdg 3)
 
@@ -35,6 +36,7 @@ examples:
   dpbp train algo=fdg gpus=2 device=cpu            FDG, 2 modules in 2 processes
   dpbp train -m algo=bp,ddg,fdg gpus=2,4           a sweep; then: tensorboard --logdir multirun
   dpbp train --help                                config groups and keys
+  dpbp bench gpus=[1,2] predict=true               speedup of every algo over BP, measured
   dpbp report multirun/<date>/<time>               mean ± std over seeds, gap to BP
 """
 
@@ -131,6 +133,38 @@ def train_app(cfg: DictConfig) -> float | None:
     return summary["final_test_acc"]
 
 
+@hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="bench")
+def bench_app(cfg: DictConfig) -> None:
+    """The `dpbp bench` Hydra job: every case timed, interleaved; tables and plot written."""
+    global _job_failed
+    from rich.console import Console
+
+    from dpbp.bench import run_bench, table
+    from dpbp.config import ALGOS
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    bad = [a for a in plain["algos"] if a not in ALGOS]
+    if bad or not plain["algos"]:
+        print(f"dpbp: unknown algo {bad[0] if bad else '(none given)'} in algos; choose from "
+              f"{', '.join(ALGOS)}.", file=sys.stderr)
+        sys.exit(2)
+    if any(not isinstance(w, int) or w < 1 for w in plain["gpus"]) or plain["epochs"] < 2 \
+            or min(plain["repeats"], plain["steps_per_epoch"], plain["batch_size"]) < 1:
+        print("dpbp: bench needs gpus >= 1 each, epochs >= 2 (the first is the warm-up), and "
+              "repeats, steps_per_epoch, batch_size >= 1.", file=sys.stderr)
+        sys.exit(2)
+    console = Console(stderr=True)
+    result = run_bench(plain, out, console)
+    console.print(table(result))
+    print(f"bench directory: {out} (bench.json, bench.md, bench.png)", file=sys.stderr)
+    if any(r["failed"] for r in result["rows"]):
+        _job_failed = True
+        print("dpbp: some bench runs failed; their bench.log files in runs/ say why.",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def print_schedule(args: list[str]) -> int:
     """`dpbp schedule ALGO K [BATCHES]`: the module x tick table of an algorithm's schedule."""
     from dpbp.config import ALGOS
@@ -164,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         from dpbp.report import main as report_main
 
         return report_main(rest)
-    if command != "train":
+    if command not in ("train", "bench"):
         print(f"dpbp: unknown command '{command}'; run `dpbp --help` for the commands.",
               file=sys.stderr)
         return 2
@@ -175,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
     try:
-        train_app()
+        (train_app if command == "train" else bench_app)()
     except SystemExit as e:
         if e.code == 1 and not _job_failed:
             return 2  # Hydra rejected the command line or config (it printed why)

@@ -15,7 +15,7 @@ from typing import Any
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
 
-ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "pdasgd", "hogwild")
+ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "gpipe", "pdasgd", "hogwild")
 ASYNC = ("pdasgd", "hogwild")  # one whole model per device, threads inside (asgd.py)
 
 
@@ -29,6 +29,8 @@ class AlgoConfig:
     forward_threads: int = 1  # pdasgd/hogwild: threads per device
     backward_threads: int = 2
     average_every: int = 10  # pdasgd/hogwild, gpus > 1: local steps between parameter averages
+    microbatches: int = 4  # gpipe: microbatches per batch
+    pipeline: str = "gpipe"  # gpipe: gpipe | 1f1b (torch.distributed.pipelining's schedules)
 
 
 @dataclass
@@ -171,6 +173,20 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, {**d, **nested, "model": model}, "config")
 
 
+def _check_gpipe(cfg: RunConfig) -> None:
+    a = cfg.algo
+    if a.pipeline not in ("gpipe", "1f1b"):
+        raise ConfigError(f"algo.pipeline must be gpipe or 1f1b, not '{a.pipeline}'.")
+    if cfg.gpus < 2 or cfg.executor == "local":
+        raise ConfigError("algo=gpipe runs one pipeline stage per process: use gpus >= 2 with "
+                          "executor=dist (algo=bp is the one-device equivalent).")
+    if a.microbatches < 1 or cfg.trainer.batch_size % a.microbatches:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by "
+                          f"algo.microbatches={a.microbatches}; change one of them.")
+    if cfg.resume:
+        raise ConfigError("algo=gpipe writes no checkpoints to resume from; start anew.")
+
+
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError, with one sentence that says what to change, for any bad setting."""
     a, t, o = cfg.algo, cfg.trainer, cfg.optim
@@ -193,6 +209,8 @@ def validate(cfg: RunConfig) -> None:
                           "must be at least 1.")
     if a.name in ASYNC and cfg.resume:
         raise ConfigError(f"algo={a.name} writes no checkpoints to resume from yet; start anew.")
+    if a.name == "gpipe":
+        _check_gpipe(cfg)
     if a.replicas > 1 and a.name not in ("dp_fdg", "ddp", *ASYNC):
         raise ConfigError(f"algo={a.name} has one pipeline; use algo=dp_fdg for "
                           f"algo.replicas={a.replicas} data-parallel replicas of FDG.")

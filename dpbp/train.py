@@ -180,6 +180,10 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         from dpbp.asgd import train_async
 
         return train_async(cfg, run_dir, ctx, logger_factory)
+    if cfg.algo.name == "gpipe":
+        from dpbp.gpipe import train_gpipe
+
+        return train_gpipe(cfg, run_dir, ctx, logger_factory)
     device = pick_device(cfg, ctx.local_rank)
     if device.type == "cpu" and cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)

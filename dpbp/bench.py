@@ -1,0 +1,352 @@
+"""`dpbp bench`: timed short trainings of each algorithm on 1..W workers, side by side.
+
+    dpbp bench                                     # ResNet-20, synthetic 32x32, CPU, 1-2 workers
+    dpbp bench algos=[bp,ddg,fdg,ddp,gpipe] gpus=[1,2,4] device=cuda
+    dpbp bench predict=true predict_gpus=[1,2,4,8] # plus the simulator's prediction
+
+Every measurement is a real `dpbp train` run in its own process tree (the same code users train
+with), on synthetic data sized so that an epoch is `steps_per_epoch` steps (a real dataset keeps
+its size). Epoch 1 is the
+warm-up and is not timed; images/s = images of the later epochs / their training seconds
+(evaluation excluded). Repeats are interleaved (every row once, then every row again) so that
+drift of a shared machine hits all rows alike; a row's figure is the median over its repeats.
+
+Per row: images/s, speedup over BP on one worker, parallel efficiency (speedup / workers), the
+machine's ceiling (W independent one-worker BP processes side by side, no communication: the
+speedup the hardware allows) and efficiency against it, peak memory per module, and the share of
+time each module computed rather than waited (CPU runs; from the run's summary.json, warm-up
+included). Output: a rich table, bench.json (every measurement and the rows), bench.md and
+bench.png (speedup vs workers, ideal and ceiling lines) in the bench's run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CEILING = "ceiling"  # the pseudo-algo of W independent BP processes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the bench: an algorithm on `workers` processes (devices)."""
+
+    algo: str
+    workers: int
+    replicas: int = 1  # data-parallel replicas (ddp: workers; dp_fdg: workers // 2)
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}-w{self.workers}"
+
+    @property
+    def modules(self) -> int:
+        return self.workers // self.replicas
+
+
+def plan(algos: list[str], gpus: list[int], ceiling: bool) -> list[Case]:
+    """The cases to measure, in a fixed order: BP on one worker first (every speedup's base).
+
+    Algorithms that need more than one worker skip W = 1 (ddg/fr/fdg on one module are BP);
+    dp_fdg runs 2-module pipelines and needs an even W >= 4; gpipe needs W >= 2."""
+    cases = [Case("bp", 1)]
+    for w in sorted(set(gpus)):
+        for a in algos:
+            if a == "bp" and w == 1:
+                continue
+            if a in ("ddg", "fr", "fdg", "gpipe", "ddp") and w < 2:
+                continue
+            if a == "dp_fdg" and (w < 4 or w % 2):
+                continue
+            replicas = {"ddp": w, "pdasgd": w, "hogwild": w, "dp_fdg": w // 2}.get(a, 1)
+            cases.append(Case(a, w, replicas))
+        if ceiling and w > 1:
+            cases.append(Case(CEILING, w, w))
+    return cases
+
+
+def timed_throughput(history: list[dict[str, Any]]) -> tuple[float, int, float]:
+    """(images/s, images, seconds) over every epoch but the first (the warm-up)."""
+    if len(history) < 2:
+        raise ValueError("a bench run needs at least 2 epochs: the first is the warm-up")
+    seconds = history[-1]["train_seconds"] - history[0]["train_seconds"]
+    images = sum(e["images"] for e in history[1:])
+    return images / seconds, images, seconds
+
+
+@dataclass
+class Measurement:
+    """One timed run (or one ceiling group of W runs) of a case, in one repeat."""
+
+    algo: str
+    workers: int
+    repeat: int
+    status: str
+    images_per_second: float | None = None
+    images: int | None = None
+    seconds: float | None = None
+    peak_memory_bytes: list[int | None] = field(default_factory=list)
+    compute_share: list[float | None] = field(default_factory=list)
+    run_dir: str = ""
+    error: str | None = None
+
+
+def measurement(case: Case, repeat: int, summaries: list[dict[str, Any]],
+                run_dir: str) -> Measurement:
+    """Bookkeeping of a case's summaries (one; W for the ceiling, whose throughputs add up)."""
+    bad = [s for s in summaries if s.get("status") != "completed"]
+    if bad:
+        return Measurement(case.algo, case.workers, repeat, "failed", run_dir=run_dir,
+                           error=bad[0].get("error", "no summary.json"))
+    parts = [timed_throughput(s["history"]) for s in summaries]
+    s = summaries[0]
+    compute, idle = s.get("compute_seconds"), s.get("idle_seconds")
+    share = ([c / (c + i) if c is not None and i is not None and c + i > 0 else None
+              for c, i in zip(compute, idle)] if compute and idle else [])
+    return Measurement(case.algo, case.workers, repeat, "completed",
+                       images_per_second=sum(p[0] for p in parts),
+                       images=sum(p[1] for p in parts), seconds=max(p[2] for p in parts),
+                       peak_memory_bytes=list(s.get("peak_memory_bytes") or []),
+                       compute_share=share, run_dir=run_dir)
+
+
+def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Per case: median images/s over repeats, speedup over BP on one worker, efficiency, and
+    the efficiency against the machine's ceiling at the same worker count."""
+    def median_ips(c: Case) -> float | None:
+        ips = [m.images_per_second for m in measurements
+               if (m.algo, m.workers) == (c.algo, c.workers) and m.status == "completed"]
+        return statistics.median(ips) if ips else None
+
+    base = median_ips(Case("bp", 1))
+    ceiling = {c.workers: median_ips(c) for c in cases if c.algo == CEILING}
+    out = []
+    for c in cases:
+        ips = median_ips(c)
+        mine = [m for m in measurements if (m.algo, m.workers) == (c.algo, c.workers)]
+        done = [m for m in mine if m.status == "completed"]
+        speedup = ips / base if ips and base else None
+        ceil = ceiling.get(c.workers) if c.workers > 1 else base
+        ceil_speedup = ceil / base if ceil and base else None
+        out.append({
+            "algo": c.algo, "workers": c.workers, "modules": c.modules, "replicas": c.replicas,
+            "repeats": len(done), "failed": len(mine) - len(done),
+            "images_per_second": ips,
+            "images_per_second_all": [m.images_per_second for m in done],
+            "speedup": speedup,
+            "efficiency": speedup / c.workers if speedup else None,
+            "ceiling_speedup": ceil_speedup,
+            "efficiency_vs_ceiling": speedup / ceil_speedup if speedup and ceil_speedup
+            else None,
+            "peak_memory_bytes": done[len(done) // 2].peak_memory_bytes if done else [],
+            "compute_share": done[len(done) // 2].compute_share if done else [],
+        })
+    return out
+
+
+def train_overrides(cfg: dict[str, Any], case: Case) -> list[str]:
+    """The `dpbp train` command line of one case (minus the run directory)."""
+    data = dict(cfg["data"])
+    steps, batch = cfg["steps_per_epoch"], cfg["batch_size"]
+    if data["name"] == "synthetic":  # real datasets keep their size: an epoch is all of it
+        data["train_size"] = steps * batch * case.replicas
+        data["test_size"] = batch
+    algo = "bp" if case.algo == CEILING else case.algo
+    gpus = 1 if case.algo == CEILING else case.workers
+    out = [f"algo={algo}", f"gpus={gpus}", f"model={cfg['model']['name']}",
+           f"data={data['name']}", f"device={cfg['device']}", f"seed={cfg['seed']}",
+           f"trainer.batch_size={batch}", f"trainer.epochs={cfg['epochs']}",
+           f"trainer.threads={cfg['threads']}", "trainer.checkpoint=false",
+           "trainer.progress=false", f"trainer.log_every={steps}", "sched=constant"]
+    if case.algo == "dp_fdg":
+        out.append(f"algo.replicas={case.replicas}")
+    if case.algo == "gpipe":
+        out.append(f"algo.microbatches={cfg['microbatches']}")
+    out += [f"data.{k}={json.dumps(v)}" for k, v in data.items() if k != "name"]
+    return out + list(cfg["train"])
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {"status": "failed", "error": f"no summary.json in {run_dir}"}
+    return json.loads(path.read_text())
+
+
+def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measurement:
+    """Run one case once (W side-by-side BP processes for the ceiling); never raises."""
+    import os
+
+    base = out / "runs" / case.name / f"repeat{repeat}"
+    copies = case.workers if case.algo == CEILING else 1
+    procs = []
+    for i in range(copies):
+        run_dir = base / f"copy{i}" if copies > 1 else base
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if case.algo == CEILING and cfg["device"] == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        cmd = [sys.executable, "-m", "dpbp.cli", "train", *train_overrides(cfg, case),
+               f"hydra.run.dir={run_dir}"]
+        log = open(run_dir / "bench.log", "w")  # noqa: SIM115 - closed after the wait
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                      run_dir, log))
+    summaries = []
+    for p, run_dir, log in procs:
+        p.wait()
+        log.close()
+        s = _summary(run_dir)
+        if p.returncode and s.get("status") == "completed":
+            s = {"status": "failed", "error": f"exit status {p.returncode}"}
+        summaries.append(s)
+    return measurement(case, repeat, summaries, str(base))
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info = {"host": platform.node(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
+    """Measure every case `repeats` times, interleaved; write bench.json/md/png; return them."""
+    cases = plan(list(cfg["algos"]), list(cfg["gpus"]), cfg["ceiling"])
+    measurements: list[Measurement] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    for r in range(cfg["repeats"]):
+        for c in cases:
+            m = run_case(cfg, c, r, out)
+            measurements.append(m)
+            what = (f"{m.images_per_second:8.0f} img/s" if m.status == "completed"
+                    else f"FAILED: {m.error}")
+            console.print(f"repeat {r + 1}/{cfg['repeats']}  {c.name:<14} {what}",
+                          highlight=False)
+    result = {"machine": machine(), "device": cfg["device"], "started": started,
+              "config": cfg, "rows": rows(cases, measurements),
+              "measurements": [asdict(m) for m in measurements]}
+    if cfg["predict"]:
+        from dpbp.predict import predict_rows
+
+        result["predictions"], result["profile"] = predict_rows(cfg, result["rows"], console)
+    write_outputs(result, out)
+    return result
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """bench.md: how it was run, then one line per case."""
+    cfg, m = result["config"], result["machine"]
+    predicted = {(p["algo"], p["workers"]): p["speedup"] for p in result.get("predictions", [])}
+    lines = [
+        f"# dpbp bench: {cfg['model']['name']} on {cfg['data']['name']}, batch {cfg['batch_size']}"
+        f" per worker, device {cfg['device']}",
+        "",
+        f"Machine: {m['host']} ({m['platform']}, {m['cpus']} CPUs"
+        f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}), torch {m['torch']}; "
+        f"started {result['started']}. {cfg['repeats']} interleaved repeats; per run "
+        f"{cfg['epochs']} epochs of {cfg['steps_per_epoch']} steps, the first untimed; "
+        f"{cfg['threads']} thread(s) per process on CPU. Median images/s over the repeats.",
+        "",
+        "| algo | workers | modules x replicas | images/s | speedup | efficiency "
+        "| ceiling speedup | vs ceiling | predicted | compute share per module "
+        "| peak memory per module (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        share = " / ".join("–" if s is None else f"{100 * s:.0f}%" for s in r["compute_share"])
+        mem = " / ".join("–" if b is None else f"{b / 2**20:.1f}" for b in r["peak_memory_bytes"])
+        lines.append(
+            f"| {r['algo']} | {r['workers']} | {r['modules']} x {r['replicas']} "
+            f"| {_fmt(r['images_per_second'], '.0f')} | {_fmt(r['speedup'], '.2f')}× "
+            f"| {_fmt(r['efficiency'], '.0%')} | {_fmt(r['ceiling_speedup'], '.2f')}× "
+            f"| {_fmt(r['efficiency_vs_ceiling'], '.0%')} "
+            f"| {_fmt(predicted.get((r['algo'], r['workers'])), '.2f')} "
+            f"| {share or '–'} | {mem or '–'} |")
+    extra = [p for p in result.get("predictions", [])
+             if not any((r["algo"], r["workers"]) == (p["algo"], p["workers"])
+                        for r in result["rows"])]
+    if extra:
+        lines += ["", "Predicted only (no measurement on this machine):", "",
+                  "| algo | workers | predicted speedup |", "|---|---|---|"]
+        lines += [f"| {p['algo']} | {p['workers']} | {p['speedup']:.2f}× |" for p in extra]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Speedup over BP on one worker vs workers, one line per algo, with the ideal W× and the
+    machine's ceiling; predictions dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    workers = sorted({r["workers"] for r in result["rows"]}
+                     | {p["workers"] for p in result.get("predictions", [])})
+    ax.plot(workers, workers, "k--", lw=1, label="ideal (W×)")
+    for algo in dict.fromkeys(r["algo"] for r in result["rows"]):
+        pts = [(r["workers"], r["speedup"]) for r in result["rows"]
+               if r["algo"] == algo and r["speedup"] is not None]
+        if algo != "bp" and algo != CEILING:
+            pts = [(1, 1.0), *pts] if pts and pts[0][0] > 1 else pts
+        if not pts:
+            continue
+        style = {"color": "grey", "marker": "s", "ls": ":"} if algo == CEILING else {"marker": "o"}
+        line = ax.plot(*zip(*pts), label=f"{algo} (measured)" if algo != CEILING
+                       else "ceiling: W independent BP", **style)[0]
+        pred = [(p["workers"], p["speedup"]) for p in result.get("predictions", [])
+                if p["algo"] == algo]
+        if pred:
+            ax.plot(*zip(*pred), ls=":", marker="x", color=line.get_color(), alpha=0.7)
+    ax.set_xlabel("workers (processes / devices)")
+    ax.set_ylabel("speedup over BP on 1 worker")
+    ax.set_xticks(workers)
+    cfg = result["config"]
+    ax.set_title(f"{cfg['model']['name']}, {cfg['data']['name']}, batch {cfg['batch_size']}, "
+                 f"{cfg['device']}" + (" (x: predicted)" if result.get("predictions") else ""),
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(result))
+    plot(result, out / "bench.png")
+
+
+def table(result: dict[str, Any]):
+    """The rich table for the terminal."""
+    from rich.table import Table
+
+    t = Table(title="dpbp bench (median over repeats)")
+    for col in ("algo", "workers", "images/s", "speedup", "efficiency", "vs ceiling",
+                "compute share"):
+        t.add_column(col, justify="left" if col == "algo" else "right")
+    for r in result["rows"]:
+        t.add_row(r["algo"], str(r["workers"]), _fmt(r["images_per_second"], ".0f"),
+                  _fmt(r["speedup"], ".2f") + "×", _fmt(r["efficiency"], ".0%"),
+                  _fmt(r["efficiency_vs_ceiling"], ".0%"),
+                  " / ".join("–" if s is None else f"{100 * s:.0f}%"
+                             for s in r["compute_share"]) or "–")
+    return t

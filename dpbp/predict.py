@@ -1,0 +1,90 @@
+"""`dpbp bench predict=true`: profile the model per block on this machine, then simulate each
+algorithm's real schedule (simulate.py) on 1..W devices, including W beyond what the machine has.
+
+The profile is taken in the bench's own process on one device with the bench's thread count:
+forward, backward and optimizer step per block at the bench's batch size; the transfer of each
+boundary's activation and the all-reduce of the gradients are timed between two real processes
+(gloo on CPU, nccl on CUDA). Modules are cut as the runs cut them (balanced counted flops).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpbp.simulate import Profile, bp_one_device, predict_speedup
+
+SIMULATED = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "gpipe")
+
+
+def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
+    """The per-module Profile of a split from per-block times (`measure`'s dict)."""
+    return Profile.from_blocks(prof["forward"], prof["backward"], counts, prof["step"],
+                               prof["transfer"][:-1], prof["allreduce"])
+
+
+def measure(cfg: dict[str, Any]) -> tuple[dict[str, list[float]], Any]:
+    """Per-block times (seconds) on the bench's device, and `counts_for(K)`: the block counts
+    of the runs' split into K modules."""
+    import torch
+
+    from dpbp.config import from_dict
+    from dpbp.data import load_dataset, train_batch
+    from dpbp.profile import profile_blocks, profile_links
+    from dpbp.split import balanced_counts, block_flops
+    from dpbp.train import build_model, pick_device
+
+    data = {**cfg["data"], "train_size": cfg["batch_size"], "test_size": cfg["batch_size"]}
+    rc = from_dict({"model": cfg["model"]["name"], "data": data, "device": cfg["device"],
+                    "seed": cfg["seed"]})
+    device = pick_device(rc)
+    if device.type == "cpu" and cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    ds = load_dataset(rc.data, device, seed=rc.seed)
+    blocks = build_model(rc, ds)
+    idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
+    x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
+    p = profile_blocks(blocks, x, y, repeats=5)
+    sizes = [*p.out_numel, *p.grad_numel]
+    transfer, allreduce = profile_links(sizes, device)
+    n = len(blocks)
+    flops = block_flops([b.cpu() for b in blocks],
+                        torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
+    prof = {"forward": p.forward, "backward": p.backward, "step": p.step,
+            "transfer": transfer[:n], "allreduce": allreduce[n:]}
+    return prof, lambda k: balanced_counts(flops, k)
+
+
+def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None
+                 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """Predicted speedups over BP on one worker for every (algo, W) measured or in
+    `predict_gpus`; returns them and the per-block profile they come from."""
+    prof, counts_for = measure(cfg)
+    n = len(prof["forward"])
+    algos = [a for a in dict.fromkeys([r["algo"] for r in rows] + list(cfg["algos"]))
+             if a in SIMULATED]
+    workers = sorted({r["workers"] for r in rows} | set(cfg["predict_gpus"]))
+    whole = module_profile(prof, [n])
+    base = bp_one_device(whole)
+    out = []
+    for algo in algos:
+        for w in workers:
+            if algo in ("ddg", "fr", "fdg", "gpipe", "ddp") and w < 2:
+                continue
+            if algo == "dp_fdg" and (w < 4 or w % 2):
+                continue
+            if algo == "ddp":
+                # the all-reduce of the whole model's gradients, as one bucket after the backward
+                p = Profile(whole.forward, whole.backward, whole.step,
+                            allreduce=(sum(prof["allreduce"]),))
+                speedup = predict_speedup("ddp", p, replicas=w)
+            else:
+                k, replicas = (2, w // 2) if algo == "dp_fdg" else (w, 1)
+                if k > n:
+                    continue
+                p = module_profile(prof, counts_for(k))
+                speedup = predict_speedup(algo, p, replicas=replicas,
+                                          microbatches=cfg["microbatches"])
+            out.append({"algo": algo, "workers": w, "speedup": speedup})
+    if console is not None:
+        console.print(f"profile: BP on one worker {1e3 * base:.1f} ms per batch (predicted)")
+    return out, prof

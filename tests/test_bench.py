@@ -1,0 +1,111 @@
+"""dpbp bench: the measurement bookkeeping (no timings asserted) and one real tiny bench."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from dpbp.bench import (
+    CEILING,
+    Case,
+    markdown,
+    measurement,
+    plan,
+    rows,
+    timed_throughput,
+    train_overrides,
+)
+
+
+def history(seconds, images):
+    """Epochs with cumulative training seconds and per-epoch images, as summary.json has."""
+    return [{"train_seconds": s, "images": i} for s, i in zip(seconds, images)]
+
+
+def summary(seconds, images, compute=None, idle=None, peak=(100,)):
+    return {"status": "completed", "history": history(seconds, images),
+            "compute_seconds": compute, "idle_seconds": idle, "peak_memory_bytes": list(peak)}
+
+
+def test_plan_starts_with_bp_and_skips_what_needs_more_workers():
+    cases = plan(["bp", "ddg", "fdg", "ddp", "gpipe", "dp_fdg", "pdasgd"], [1, 2, 4], True)
+    assert cases[0] == Case("bp", 1)
+    names = [c.name for c in cases]
+    assert "ddg-w1" not in names and "gpipe-w1" not in names and "ddp-w1" not in names
+    assert "pdasgd-w1" in names and "dp_fdg-w2" not in names and "dp_fdg-w4" in names
+    assert names.count("bp-w1") == 1 and "ceiling-w2" in names and "ceiling-w1" not in names
+    dp = next(c for c in cases if c.name == "dp_fdg-w4")
+    assert (dp.modules, dp.replicas) == (2, 2)
+    assert next(c for c in cases if c.name == "ddp-w4").modules == 1
+
+
+def test_warm_up_epoch_is_not_timed():
+    ips, images, seconds = timed_throughput(history([5.0, 7.0, 9.0], [100, 200, 200]))
+    assert (images, seconds, ips) == (400, 4.0, 100.0)
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        timed_throughput(history([1.0], [10]))
+
+
+def test_ceiling_adds_the_independent_processes_and_failures_are_kept():
+    m = measurement(Case(CEILING, 2, 2), 0, [summary([1, 3], [10, 20]),
+                                             summary([1, 5], [10, 20])], "d")
+    assert m.images_per_second == 10 + 5 and m.images == 40 and m.seconds == 4
+    bad = measurement(Case("fdg", 2), 0, [{"status": "failed", "error": "rank 1 died"}], "d")
+    assert (bad.status, bad.error, bad.images_per_second) == ("failed", "rank 1 died", None)
+    share = measurement(Case("fdg", 2), 0, [summary([1, 2], [1, 1], [3.0, 1.0], [1.0, 3.0])], "")
+    assert share.compute_share == [0.75, 0.25]
+
+
+def test_rows_speedup_efficiency_and_ceiling_use_medians():
+    cases = [Case("bp", 1), Case("fdg", 2), Case(CEILING, 2, 2)]
+    ms = [measurement(c, r, [summary([0, s], [0, 100])] * (2 if c.algo == CEILING else 1), "")
+          for c, seconds in zip(cases, ([1.0, 1.0, 2.0], [0.5, 0.8, 0.5], [1.0, 1.0, 1.0]))
+          for r, s in enumerate(seconds)]
+    ms.append(measurement(Case("fdg", 2), 3, [{"status": "failed"}], ""))
+    bp, fdg, ceiling = rows(cases, ms)
+    assert bp["images_per_second"] == 100 and bp["speedup"] == 1.0
+    assert fdg["images_per_second"] == 200 and fdg["repeats"] == 3 and fdg["failed"] == 1
+    assert fdg["speedup"] == 2.0 and fdg["efficiency"] == 1.0
+    assert ceiling["images_per_second"] == 200 and fdg["ceiling_speedup"] == 2.0
+    assert fdg["efficiency_vs_ceiling"] == 1.0
+    text = markdown({"config": {"model": {"name": "m"}, "data": {"name": "d"}, "batch_size": 8,
+                                "device": "cpu", "repeats": 3, "epochs": 2,
+                                "steps_per_epoch": 2, "threads": 1},
+                     "machine": {"host": "h", "platform": "p", "cpus": 2, "torch": "t"},
+                     "started": "now", "rows": [bp, fdg, ceiling]})
+    assert "| fdg | 2 | 2 x 1 | 200 | 2.00× | 100% | 2.00× | 100% |" in text
+
+
+def test_runs_get_synthetic_data_sized_to_the_epoch():
+    cfg = {"data": {"name": "synthetic", "shape": [3, 32, 32]}, "steps_per_epoch": 5,
+           "batch_size": 16, "model": {"name": "resnet20"}, "device": "cpu", "seed": 0,
+           "epochs": 3, "threads": 1, "microbatches": 4, "train": ["trainer.amp=true"]}
+    args = train_overrides(cfg, Case("ddp", 2, 2))
+    assert "data.train_size=160" in args and "algo=ddp" in args and "gpus=2" in args
+    assert 'data.shape=[3, 32, 32]' in args and args[-1] == "trainer.amp=true"
+    ceiling = train_overrides(cfg, Case(CEILING, 2, 2))
+    assert "algo=bp" in ceiling and "gpus=1" in ceiling
+
+
+def test_bench_end_to_end(tmp_path):
+    """Real runs, tiny: every output file is written and every case measured."""
+    out = tmp_path / "b"
+    r = run_cli("bench", "algos=[fdg]", "gpus=[1,2]", "model=mlp", "data.shape=[1,8,8]",
+                "batch_size=16", "steps_per_epoch=2", "epochs=2", "repeats=1", "predict=true",
+                "predict_gpus=[3]", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "bench.json").read_text())
+    got = {(row["algo"], row["workers"]): row for row in result["rows"]}
+    assert set(got) == {("bp", 1), ("fdg", 2), (CEILING, 2)}
+    assert all(row["repeats"] == 1 and row["images_per_second"] > 0 for row in got.values())
+    assert len(got[("fdg", 2)]["compute_share"]) == 2
+    predicted = {(p["algo"], p["workers"]) for p in result["predictions"]}
+    assert {("fdg", 2), ("fdg", 3), ("bp", 3)} <= predicted
+    assert (out / "bench.md").read_text().startswith("# dpbp bench")
+    assert (out / "bench.png").stat().st_size > 1000
+    assert result["machine"]["torch"] and len(result["profile"]["forward"]) > 1
+
+
+def test_bench_rejects_an_unknown_algo(tmp_path):
+    r = run_cli("bench", "algos=[bp,nope]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown algo nope" in r.stderr
