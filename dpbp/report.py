@@ -6,7 +6,8 @@
 Runs are grouped by their whole resolved config except the seed (and keys that do not change the
 numbers: executor, logging, paths); seeds are averaged (mean ± sample std). Settings that differ
 between groups besides algo and gpus (a beta sweep, stash vs live, ...) are named in the row. The
-gap is measured against BP on one module with the same data, model and epochs.
+gap is measured against BP on one module with the same data, model and epochs. On CIFAR, the
+papers' accuracy for the same model, algo and K sits in the last column (dpbp/paper.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from dpbp.config import flatten
 from dpbp.errors import ConfigError
+from dpbp.paper import paper_accuracy
 
 # keys that do not change a run's numbers (local == dist is tested), or that the launcher derives
 IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.log_every",
@@ -30,7 +32,7 @@ IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.log_every"
 
 COLUMNS = ["data", "model", "algo", "modules", "replicas", "epochs", "seeds", "settings",
            "final_acc",
-           "best_acc", "gap_to_bp", "images_per_second", "train_seconds"]
+           "best_acc", "gap_to_bp", "images_per_second", "train_seconds", "paper_acc"]
 
 
 def load_summaries(dirs: list[str]) -> list[dict[str, Any]]:
@@ -95,14 +97,17 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gap_to_bp": None if base is None else final[0] - base,
             "images_per_second": statistics.median(s["images_per_second"] for s in runs),
             "train_seconds": statistics.median(s["train_seconds"] for s in runs),
+            "paper_acc": paper_accuracy(key[0], key[1], key[2], key[3],
+                                        runs[0].get("config", {}).get("algo", {}).get("beta")),
         })
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| data | model | algo | K | settings | epochs | seeds | final test acc % "
-            "| best test acc % | final − BP (points) | images/s (median) | train s (median) |")
-    lines = [head, "|" + "---|" * 12]
+            "| best test acc % | final − BP (points) | images/s (median) | train s (median) "
+            "| paper test acc % |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         gap = "–" if r["gap_to_bp"] is None else f"{100 * r['gap_to_bp']:+.2f}"
         lines.append(
@@ -110,7 +115,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['epochs']} "
             f"| {r['seeds']} | {100 * r['final_acc'][0]:.2f} ± {100 * r['final_acc'][1]:.2f} "
             f"| {100 * r['best_acc'][0]:.2f} ± {100 * r['best_acc'][1]:.2f} | {gap} "
-            f"| {r['images_per_second']:.0f} | {r['train_seconds']:.1f} |")
+            f"| {r['images_per_second']:.0f} | {r['train_seconds']:.1f} "
+            f"| {'–' if r['paper_acc'] is None else format(r['paper_acc'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,3 +44,20 @@ def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no completed summary.json" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_paper_numbers_sit_next_to_cifar_runs(tmp_path, capsys):
+    from dpbp.paper import paper_accuracy
+
+    assert paper_accuracy("cifar10", "resnet56", "fdg", 2, 0.5) == 94.10
+    assert paper_accuracy("cifar10", "resnet56", "fdg", 2, 1.0) == 93.80
+    assert paper_accuracy("cifar10", "resnet56", "fdg", 2, 0.3) is None  # not the paper's beta
+    assert paper_accuracy("cifar100", "resnet110", "bp", 1) == 74.18
+    assert paper_accuracy("digits", "resnet20", "bp", 1) is None
+    write(tmp_path / "a", "ddg", 3, 0, 0.93, 0.94, 100.0)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    summary.update(data="cifar10", model="resnet56")
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| ddg |" in line)
+    assert row.endswith("| 93.50 |")
