@@ -22,6 +22,7 @@ bench.png (speedup vs workers, ideal and ceiling lines) in the bench's run direc
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -182,8 +183,6 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measurement:
     """Run one case once (W side-by-side BP processes for the ceiling); never raises."""
-    import os
-
     base = out / "runs" / case.name / f"repeat{repeat}"
     copies = case.workers if case.algo == CEILING else 1
     procs = []
@@ -210,8 +209,7 @@ def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measure
 
 
 def machine() -> dict[str, Any]:
-    import os
-
+    """Where the bench ran: host, OS, Python, torch, CPUs and GPUs."""
     import torch
 
     info = {"host": platform.node(), "platform": platform.platform(),

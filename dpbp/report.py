@@ -32,7 +32,8 @@ IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.log_every"
 
 COLUMNS = ["data", "model", "algo", "modules", "replicas", "epochs", "seeds", "settings",
            "final_acc",
-           "best_acc", "gap_to_bp", "images_per_second", "train_seconds", "paper_acc"]
+           "best_acc", "gap_to_bp", "images_per_second", "train_seconds", "peak_memory_mib",
+           "paper_acc"]
 
 
 def load_summaries(dirs: list[str]) -> list[dict[str, Any]]:
@@ -97,6 +98,8 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gap_to_bp": None if base is None else final[0] - base,
             "images_per_second": statistics.median(s["images_per_second"] for s in runs),
             "train_seconds": statistics.median(s["train_seconds"] for s in runs),
+            "peak_memory_mib": [None if b is None else b / 2**20
+                                for b in runs[0].get("peak_memory_bytes") or []],
             "paper_acc": paper_accuracy(key[0], key[1], key[2], key[3],
                                         runs[0].get("config", {}).get("algo", {}).get("beta")),
         })
@@ -106,8 +109,8 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| data | model | algo | K | settings | epochs | seeds | final test acc % "
             "| best test acc % | final − BP (points) | images/s (median) | train s (median) "
-            "| paper test acc % |")
-    lines = [head, "|" + "---|" * 13]
+            "| peak memory per module (MiB) | paper test acc % |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         gap = "–" if r["gap_to_bp"] is None else f"{100 * r['gap_to_bp']:+.2f}"
         lines.append(
@@ -116,6 +119,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['seeds']} | {100 * r['final_acc'][0]:.2f} ± {100 * r['final_acc'][1]:.2f} "
             f"| {100 * r['best_acc'][0]:.2f} ± {100 * r['best_acc'][1]:.2f} | {gap} "
             f"| {r['images_per_second']:.0f} | {r['train_seconds']:.1f} "
+            f"| {' / '.join('–' if m is None else f'{m:.1f}' for m in r['peak_memory_mib'])} "
             f"| {'–' if r['paper_acc'] is None else format(r['paper_acc'], '.2f')} |")
     return "\n".join(lines) + "\n"
 

@@ -56,8 +56,8 @@ def test_paper_numbers_sit_next_to_cifar_runs(tmp_path, capsys):
     assert paper_accuracy("digits", "resnet20", "bp", 1) is None
     write(tmp_path / "a", "ddg", 3, 0, 0.93, 0.94, 100.0)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    summary.update(data="cifar10", model="resnet56")
+    summary.update(data="cifar10", model="resnet56", peak_memory_bytes=[2**20, 3 * 2**19, None])
     (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
     assert main(["report", str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "| ddg |" in line)
-    assert row.endswith("| 93.50 |")
+    assert row.endswith("| 1.0 / 1.5 / – | 93.50 |")
