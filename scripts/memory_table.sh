@@ -7,7 +7,7 @@
 set -euo pipefail
 out=${1:-multirun/memory_table}
 dpbp=${DPBP:-dpbp}
-$dpbp train -m algo=bp,ddg,fr,fdg gpus=2,3,4 executor=local algo.beta=1.0 data=synthetic \
+$dpbp train -m algo=bp,ddg,fr,fdg gpus=2,3,4 executor=local data=synthetic \
   data.train_size=1536 data.test_size=128 trainer.batch_size=128 trainer.epochs=1 \
   trainer.checkpoint=false trainer.progress=false device=cpu hydra.sweep.dir="$out" > /dev/null
 $dpbp report "$out" --out "$out/table"
