@@ -66,6 +66,7 @@ class P2P:
         self.expected: dict[str, deque[int]] = {"act": deque(), "grad": deque()}
         self.posted: dict[str, tuple[int, torch.Tensor, Any] | None] = {"act": None, "grad": None}
         self.sending: dict[str, tuple[torch.Tensor, Any] | None] = {"act": None, "grad": None}
+        self.last_sent: dict[str, tuple[int, torch.Tensor]] = {}  # for checkpoints
         self.idle_seconds = 0.0
 
     # boundary b joins stage b and b+1: activations come in over b = index-1 and leave over
@@ -115,6 +116,7 @@ class P2P:
         dst, group = self._route(kind, sending=True)
         # keep the tensor referenced until the send has completed
         self.sending[kind] = (tensor, self.comm.isend(tensor, dst=dst, group=group))
+        self.last_sent[kind] = (batch, tensor)
 
     def _wait_send(self, kind: str) -> None:
         pending = self.sending[kind]

@@ -113,6 +113,23 @@ def carried(
     return out
 
 
+def carried_to(
+    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
+) -> list[Instr]:
+    """The receives of `stage` that take the messages its neighbours have in flight at `tick`
+    (`carried`): what a stage that stops there must take off the wire before it shuts down."""
+    out = []
+    if stage > 0:
+        out += [Instr(RECV_ACT, i.batch)
+                for i in carried(algo, stage - 1, num_stages, tick, num_batches, end_tick)
+                if i.op == SEND_ACT]
+    if stage < num_stages - 1:
+        out += [Instr(RECV_GRAD, i.batch)
+                for i in carried(algo, stage + 1, num_stages, tick, num_batches, end_tick)
+                if i.op == SEND_GRAD]
+    return out
+
+
 def tick_program(
     algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
 ) -> list[Instr]:
