@@ -72,7 +72,7 @@ BAD_INPUT = [
     (["+model.width=2"], "model"),
     (["resume=true"], "no checkpoint"),
     # refused in the parent: a worker's error would exit 1 with a traceback
-    (["algo=ddg", "gpus=2", "resume=true"], "not exact"),
+    (["algo=ddg", "gpus=2", "resume=true"], "no checkpoint"),
     (["resume={tmp}"], "no checkpoint"),
 ]
 
