@@ -71,6 +71,26 @@ def check_group_overrides(args: list[str]) -> None:
             raise ConfigError(f"unknown {group} '{value}'; choose one of {', '.join(options)}.")
 
 
+def check_output_dir(args: list[str]) -> None:
+    """Say in one sentence that the run directory cannot be made, before Hydra tries (it would
+    fail with a traceback): the nearest existing folder of hydra.run.dir (hydra.sweep.dir with
+    -m) must be a writable directory."""
+    import os
+
+    sweep = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
+    given = [a[len(key):] for a in args if a.startswith(key)]
+    target = given[-1] if given else ("multirun" if sweep else "outputs")
+    path = Path(target.split("${")[0] or ".").expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    why = ("is not a directory" if not path.is_dir() else
+           "is not writable" if not os.access(path, os.W_OK | os.X_OK) else None)
+    if why:
+        raise ConfigError(f"cannot create the run directory {target}: {path} {why}; choose "
+                          f"another with {key}DIR.")
+
+
 def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "failed") -> None:
     """summary.json for a run that did not complete, with the line the user sees."""
     from dpbp.logs import write_summary
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_group_overrides(rest)
+        check_output_dir(rest)
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         return 2

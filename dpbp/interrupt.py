@@ -10,6 +10,9 @@ behind: all of them see the same value at the same chunk end and stop at the sam
 blocking collective per chunk. At epoch ends, where the processes wait for each other anyway,
 the flag is agreed with one blocking all-reduce.
 
+A file named STOP in the run directory asks the same as SIGTERM (where signalling every process
+is awkward, or from a test); the run deletes it when it has stopped.
+
 A process whose run does not poll (before the tick loop, async algorithms) gets the ordinary
 KeyboardInterrupt at once. A second signal in a process that runs alone stops it at once too
 (the last checkpoint stays intact); a worker instead exits by itself `grace_s` after the first
@@ -22,6 +25,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,16 +33,21 @@ import torch
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+STOP_FILE = "STOP"
+
+
 class StopRequest:
-    """The signal that asked this process to stop (None: none yet)."""
+    """The signal that asked this process to stop (None: none yet) and why, in words."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason = ""
         self.watched = False  # the run polls the request: a signal need not interrupt it
 
-    def set(self, signum: int) -> None:
+    def set(self, signum: int, reason: str | None = None) -> None:
         if self.signum is None:
             self.signum = signum
+            self.reason = reason or f"by {signal.Signals(signum).name}"
 
 
 def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], None]:
@@ -51,12 +60,12 @@ def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], 
     def handler(signum: int, frame: Any) -> None:
         first = request.signum is None
         request.set(signum)
-        if not request.watched or (not first and grace_s is None):
-            raise KeyboardInterrupt
         if first and grace_s is not None:
             timer = threading.Timer(grace_s, os._exit, args=(128 + signum,))
             timer.daemon = True
             timer.start()
+        if not request.watched or (not first and grace_s is None):
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
 
@@ -70,13 +79,23 @@ def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], 
 class Agreement:
     """Polls a StopRequest at the same points in every process; all get the same answer."""
 
-    def __init__(self, request: StopRequest, group: Any = None) -> None:
-        """`group`: a process group over every rank (distributed runs), None for one process."""
-        self.request, self.group = request, group
+    def __init__(self, request: StopRequest, group: Any = None,
+                 stop_file: Path | None = None) -> None:
+        """`group`: a process group over every rank (distributed runs), None for one process;
+        `stop_file`: a path whose existence asks for a stop like SIGTERM."""
+        self.request, self.group, self.stop_file = request, group, stop_file
         self.pending: tuple[Any, torch.Tensor] | None = None
 
     def _flag(self) -> torch.Tensor:
+        if self.request.signum is None and self.stop_file is not None \
+                and self.stop_file.exists():
+            self.request.set(signal.SIGTERM, f"because {self.stop_file} exists")
         return torch.tensor([self.request.signum or 0], dtype=torch.int64)
+
+    def reason(self, signum: int) -> str:
+        """How to name the stop this process agreed to (another process may have asked)."""
+        return self.request.reason if self.request.signum == signum \
+            else f"by {signal.Signals(signum).name}"
 
     def _take(self) -> int:
         if self.pending is None:
@@ -90,7 +109,7 @@ class Agreement:
         """At a chunk end: the signal to stop on now, or None to go on."""
         self.request.watched = True
         if self.group is None:
-            return self.request.signum
+            return int(self._flag().item()) or None
         import torch.distributed as dist
 
         agreed = self._take()
@@ -103,7 +122,7 @@ class Agreement:
         """At an epoch end (every process is there): the signal to stop on, agreed at once."""
         self.request.watched = True
         if self.group is None:
-            return self.request.signum
+            return int(self._flag().item()) or None
         import torch.distributed as dist
 
         agreed = self._take()

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -38,7 +39,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from dpbp import failures
 from dpbp.config import RunConfig, from_dict
 from dpbp.errors import ConfigError, Interrupted
-from dpbp.interrupt import StopRequest, install
+from dpbp.interrupt import STOP_FILE, StopRequest, install
 
 
 def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) -> list[int]:
@@ -107,6 +108,7 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
 
     Raises Interrupted after SIGINT/SIGTERM, RuntimeError naming the worker when one failed."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier run
     # under torchrun every process runs this; each checks and splits (rank 0 prints)
     joined = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if joined and int(os.environ["WORLD_SIZE"]) != cfg.gpus:
@@ -138,6 +140,8 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     from dpbp.logs import write_summary
 
     failures.clear(run_dir)
+    stop = StopRequest()
+    restore = forward_signals(stop, run_dir)
     lc = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.gpus, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
@@ -145,6 +149,7 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         # on SIGINT/SIGTERM the workers stop at an agreed tick and checkpoint; they give up by
         # themselves dist.timeout_s after the signal, before torchelastic's SIGKILL
         shutdown_timeout=int(cfg.dist.timeout_s) + 15,
+        signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT/SIGTERM: forward_signals
     )
     try:
         with quiet_torchelastic():
@@ -154,36 +159,70 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         status, line = failures.diagnose(run_dir, cfg.modules, cfg.algo.replicas, rank,
                                          failure.exitcode, last_line(failure.message))
         if status == "interrupted":
-            raise Interrupted(line, _signum(line)) from None
+            raise Interrupted(line, stop.signum or _signum(failure.exitcode)) from None
         write_summary(run_dir, {"status": "failed", "error": line, "config": cfg.to_dict()})
         raise RuntimeError(line) from None
-    except SignalException as e:  # the parent was signalled; the workers have stopped
-        records = [r for r in failures.read(run_dir).values() if r.get("status") == "interrupted"]
-        line = records[0]["error"] if records else f"stopped by {e.sigval.name}"
-        raise Interrupted(line, int(e.sigval)) from None
+    except SignalException as e:  # a signal we do not handle (SIGHUP, SIGQUIT)
+        raise Interrupted(f"stopped by {e.sigval.name}; the workers were terminated",
+                          int(e.sigval)) from None
+    finally:
+        restore()
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
     return results.get(cfg.modules - 1)  # replica 0's last stage reports
 
 
-def _signum(line: str) -> int:
+def _signum(exitcode: int | None) -> int:
+    """The signal a worker that stopped on one exits for (128 + N)."""
     import signal
 
-    for s in (signal.SIGTERM, signal.SIGINT):
-        if s.name in line:
-            return int(s)
-    return int(signal.SIGTERM)
+    return exitcode - 128 if exitcode and exitcode > 128 else int(signal.SIGTERM)
+
+
+def forward_signals(stop: StopRequest, run_dir: Path):
+    """SIGINT/SIGTERM on the parent: pass the signal to every worker and leave a STOP file
+    (for workers not started yet); the workers stop at an agreed tick with a checkpoint. The
+    parent itself goes on waiting for them: torchelastic's own handlers, which raise in the
+    middle of whatever the parent does and kill the workers after a timeout, are not used."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting (torchelastic kills them)
+        stop.set(signum)
+        with contextlib.suppress(OSError):
+            (run_dir / STOP_FILE).touch()
+        for rec in failures.read(run_dir).values():
+            with contextlib.suppress(OSError):
+                os.kill(rec["pid"], signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)  # set by elastic_launch
+
+    return restore
 
 
 @contextlib.contextmanager
 def quiet_torchelastic():
     """torchelastic logs its own view of a failure (a victim's exit code, "closing process")
     before dpbp names the cause in one line: keep only that line."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    # torch gives each of its modules' loggers a level of its own: quiet every one
+    loggers = [logging.getLogger(n) for n in [*prefixes, *logging.root.manager.loggerDict]
+               if n.startswith(prefixes)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def last_line(message: Any) -> str:
@@ -232,6 +271,10 @@ def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
         failures.ended(Path(run_dir), rec, "interrupted", str(e))
         sys.stdout.flush()
         raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:  # a signal before the first tick: nothing to save yet
+        failures.ended(Path(run_dir), rec, "interrupted",
+                       f"stopped {stop.reason or 'by SIGINT'} before training began; nothing saved")
+        raise
     except BaseException as e:
         lost = failures.is_peer_lost(e)
         failures.ended(Path(run_dir), rec, "failed", failures.error_line(e), peer_lost=lost,

@@ -13,7 +13,6 @@ checkpoints, so accuracy-versus-time curves of different runs compare directly.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from dpbp.data import Dataset, batch_generator, epoch_permutation, load_dataset,
 from dpbp.data import train_batch as make_train_batch
 from dpbp.errors import ConfigError, Divergence, Interrupted
 from dpbp.grid import Executor
-from dpbp.interrupt import Agreement, StopRequest
+from dpbp.interrupt import STOP_FILE, Agreement, StopRequest
 from dpbp.logs import write_summary
 from dpbp.models import build_blocks
 from dpbp.split import balanced_counts, block_flops, block_times, boundaries, check_balance
@@ -244,7 +243,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         checkpoint.check_extend(asdict(state), total_epochs, cfg)
     executor.attach(stages, feed)
     executor.resend(messages)  # what was in flight at the checkpoint, before the first tick
-    control = Agreement(stop or StopRequest(), executor.control_group)
+    control = Agreement(stop or StopRequest(), executor.control_group, run_dir / STOP_FILE)
     state.wall_start = state.wall_start or time.time()
     log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches, state.wall_start) \
         if (logger_factory and last is not None) else None
@@ -265,12 +264,13 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         executor.drain(tick, num_batches, end_tick)  # the checkpoint holds those messages
         control.close()
         executor.finish()
+        if last is not None:  # a resume must not stop again at once
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
         epoch, done = divmod(tick, feed.steps)
         saved = (f"checkpoint written to {ckpt_dir}" if cfg.trainer.checkpoint
                  else "nothing saved (trainer.checkpoint=false)")
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} at tick {tick} (epoch "
-                          f"{epoch + 1}, after {done} of its {feed.steps} batches); {saved}",
-                          signum)
+        raise Interrupted(f"stopped {control.reason(signum)} at tick {tick} (epoch {epoch + 1}, "
+                          f"after {done} of its {feed.steps} batches); {saved}", signum)
 
     def run_ticks(a: int, b: int) -> None:
         executor.run(range(a, b), num_batches, end_tick)

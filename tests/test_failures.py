@@ -1,0 +1,198 @@
+"""Failures of distributed runs with real gloo worker processes: a worker killed with SIGKILL,
+SIGTERM to the parent; how the parent names the cause; and the diagnosis rules on their own.
+
+Each killed or stopped run is then resumed under executor=local (the same numbers as dist, see
+test_executor.py) and compared, bit for bit, with a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cfg, run_cli
+
+from dpbp import failures
+from dpbp.launch import launch
+from dpbp.train import train
+
+TIMEOUT_S = 20
+SETTINGS = ("model.name=resnet8", "trainer.epochs=3", "seed=3", "trainer.log_every=5",
+            "sched.milestones=[2]", f"dist.timeout_s={TIMEOUT_S}")
+
+
+def running(pid: int) -> bool:
+    """Whether a process with this pid still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def worker_pids(run_dir: Path) -> dict[int, int]:
+    return {r: rec["pid"] for r, rec in failures.read(run_dir).items()}
+
+
+def when_checkpointed(run_dir: Path, action) -> threading.Thread:
+    """Run `action()` as soon as the run's first checkpoint is committed (epoch 1 done)."""
+    def wait() -> None:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "run.pt").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        action()
+
+    th = threading.Thread(target=wait, daemon=True)
+    th.start()
+    return th
+
+
+def assert_resumes_exactly(run_dir: Path, algo: str, k: int) -> None:
+    """Resume the stopped run (executor=local) and compare it with a run never stopped."""
+    overrides = (f"algo={algo}", f"gpus={k}", *SETTINGS)
+    ref_dir = run_dir.parent / "reference"
+    ref = train(make_cfg(*overrides, "executor=local"), ref_dir)
+    resumed = train(make_cfg(*overrides, "executor=local", "resume=true"), run_dir)
+    untimed = [[{key: v for key, v in e.items() if key != "train_seconds"} for e in s["history"]]
+               for s in (ref, resumed)]
+    assert untimed[0] == untimed[1] and ref["updates"] == resumed["updates"]
+    for s in range(k):
+        a = torch.load(ref_dir / "checkpoints" / f"stage{s}.pt", weights_only=True)
+        b = torch.load(run_dir / "checkpoints" / f"stage{s}.pt", weights_only=True)
+        assert all(torch.equal(a["module"][n], b["module"][n]) for n in a["module"])
+
+
+@pytest.mark.parametrize("algo,k,victim", [("ddg", 2, 1), ("fdg", 3, 1)])
+def test_a_killed_worker_ends_the_run_at_once_naming_it(tmp_path, algo, k, victim):
+    run_dir = tmp_path / "run"
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(worker_pids(run_dir)[victim], signal.SIGKILL)
+
+    when_checkpointed(run_dir, kill)
+    with pytest.raises(RuntimeError) as e:
+        launch(make_cfg(f"algo={algo}", f"gpus={k}", *SETTINGS), run_dir)
+    took = time.monotonic() - killed_at[0]
+    line = str(e.value)
+    assert line == f"worker rank {victim} (module {victim + 1}) was killed by signal 9 (SIGKILL)"
+    assert took < TIMEOUT_S, took  # nobody waited for a timeout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == line
+    pids = worker_pids(run_dir)
+    assert len(pids) == k and not any(running(p) for p in pids.values())
+    # the neighbours saw the peer go; none of them is blamed
+    records = failures.read(run_dir)
+    assert all(records[r]["peer_lost"] for r in records if r != victim)
+    assert "status" not in records[victim]
+    assert_resumes_exactly(run_dir, algo, k)
+
+
+def test_sigterm_to_the_parent_stops_cleanly_with_a_checkpoint_that_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc: list = []
+
+    def terminate() -> None:
+        while not proc:
+            time.sleep(0.01)
+        proc[0].send_signal(signal.SIGTERM)
+
+    import subprocess
+
+    from conftest import QUICK, dpbp_exe
+
+    when_checkpointed(run_dir, terminate)
+    args = [dpbp_exe(), "train", *QUICK, "algo=fr", "gpus=2", *SETTINGS,
+            f"hydra.run.dir={run_dir}"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    proc.append(p)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("dpbp: ")]
+    assert len(lines) == 2 and "Traceback" not in out + err, err
+    assert lines[0].startswith("dpbp: stopped by SIGTERM at tick ")
+    assert f"resume={run_dir}" in lines[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == lines[0][len("dpbp: "):]
+    tick = int(lines[0].split("tick ")[1].split(" ")[0])
+    run = torch.load(run_dir / "checkpoints" / "run.pt", weights_only=True)
+    assert run["tick"] == tick and tick > run["epoch"] * 22  # inside epoch 2, not its start
+    assert not any(running(pid) for pid in worker_pids(run_dir).values())
+    assert_resumes_exactly(run_dir, "fr", 2)
+
+
+def test_the_installed_command_exits_2_on_an_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run_cli("train", "device=cpu", f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path,
+                timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+# -- the diagnosis on its own --------------------------------------------------------------------
+
+
+def write_records(run_dir: Path, records: list[dict]) -> None:
+    for rec in records:
+        path = run_dir / failures.RECORDS / f"rank{rec['rank']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"pid": 1, "started": 0.0, **rec}))
+
+
+def test_diagnose_blames_a_worker_that_raised_not_its_victims(tmp_path):
+    write_records(tmp_path, [
+        {"rank": 0, "status": "failed", "error": "RuntimeError: connection closed by peer",
+         "peer_lost": True, "ended": 1.0},
+        {"rank": 1, "status": "failed", "error": "OutOfMemoryError: CUDA out of memory",
+         "peer_lost": False, "ended": 2.0},
+        {"rank": 2, "status": "failed", "error": "RuntimeError: timed out", "peer_lost": True,
+         "ended": 0.5},
+    ])
+    # torchelastic noticed rank 0 first: a victim
+    status, line = failures.diagnose(tmp_path, 3, 1, 0, 1, "connection closed by peer")
+    assert (status, line) == ("failed", "worker rank 1 (module 2) failed: OutOfMemoryError: "
+                                        "CUDA out of memory")
+
+
+def test_diagnose_picks_the_earliest_divergence(tmp_path):
+    write_records(tmp_path, [
+        {"rank": 0, "status": "failed", "error": "Divergence: at tick 9", "peer_lost": False,
+         "tick": 9, "ended": 1.0},
+        {"rank": 1, "status": "failed", "error": "Divergence: at tick 8", "peer_lost": False,
+         "tick": 8, "ended": 2.0},
+    ])
+    assert failures.diagnose(tmp_path, 2, 1, 0, 1, "")[1].endswith("at tick 8")
+
+
+def test_diagnose_names_a_silent_death_and_replicas(tmp_path):
+    write_records(tmp_path, [
+        {"rank": 0, "status": "failed", "error": "RuntimeError: connection closed by peer",
+         "peer_lost": True, "ended": 1.0},
+        {"rank": 3},  # started, never reported: killed
+    ])
+    status, line = failures.diagnose(tmp_path, 2, 2, 0, 1, "connection closed by peer")
+    assert line.startswith("worker rank 3 (module 2 of replica 1) died without reporting")
+    status, line = failures.diagnose(tmp_path, 2, 2, 3, -signal.SIGKILL, "")
+    assert line == "worker rank 3 (module 2 of replica 1) was killed by signal 9 (SIGKILL)"
+
+
+def test_a_lost_peer_is_told_from_an_error_of_its_own():
+    assert failures.is_peer_lost(RuntimeError("[pair.cc:561] Connection closed by peer [::1]"))
+    assert failures.is_peer_lost(torch.distributed.DistBackendError("NCCL watchdog timed out"))
+    assert not failures.is_peer_lost(RuntimeError("CUDA out of memory"))
+    assert not failures.is_peer_lost(ValueError("connection closed by peer"))
