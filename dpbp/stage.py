@@ -38,7 +38,9 @@ weights back, so the rebuilt graph again sees whatever the weights are at its ba
 Non-finite values: `step` checks the (replica-averaged) gradient. With on_nonfinite=stop the
 first bad batch is remembered on the device (no sync per step; the run reads it once per chunk);
 with skip a step whose gradient is not finite is skipped (one device sync per step), the
-optimizer's state untouched, and counted.
+optimizer's state untouched, and counted. Skipping only guards the gradient: a step that is finite
+but so large that the weights overflow (learning rate far too high) is applied, after which every
+gradient is non-finite; the run stops when a module has skipped a whole chunk of steps in a row.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class StageStats:
     seen: int = 0
     updates: int = 0
     skipped: int = 0  # on_nonfinite=skip: updates skipped for a non-finite gradient
+    skipped_in_a_row: int = 0  # ... since the last update that was applied
     first_bad: torch.Tensor | None = None  # last stage: first batch with a non-finite loss
     first_bad_grad: torch.Tensor | None = None  # first batch with a non-finite gradient
 
@@ -287,9 +290,11 @@ class Stage:
         if self.skip_nonfinite:
             if bool(bad):
                 s.skipped += 1
+                s.skipped_in_a_row += 1
                 for p in self.params.values():
                     p.grad = None
                 return
+            s.skipped_in_a_row = 0
         else:
             if s.first_bad_grad is None:
                 s.first_bad_grad = torch.full((), -1, dtype=torch.long, device=bad.device)
@@ -343,6 +348,7 @@ class Stage:
             "correct": s.correct,
             "seen": s.seen,
             "skipped": s.skipped,
+            "skipped_in_a_row": s.skipped_in_a_row,
         }
 
     def restore_inflight(self, state: dict[str, Any], device: torch.device) -> None:
@@ -364,6 +370,7 @@ class Stage:
         s.loss_sum = None if state["loss_sum"] is None else state["loss_sum"].to(device)
         s.correct = None if state["correct"] is None else state["correct"].to(device)
         s.seen, s.skipped = state["seen"], state["skipped"]
+        s.skipped_in_a_row = state["skipped_in_a_row"]
 
     def _rebuild(self, x: torch.Tensor, used: dict[str, torch.Tensor]) -> Pending:
         """The graph of a pending batch, from its input and the weights its forward used."""

@@ -275,7 +275,8 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
     def run_ticks(a: int, b: int) -> None:
         executor.run(range(a, b), num_batches, end_tick)
         # one device sync per chunk and stage, not per step
-        check_finite(stages, algo, k_total, feed.steps, kept_note(state, cfg, ckpt_dir))
+        check_finite(stages, algo, k_total, feed.steps, kept_note(state, cfg, ckpt_dir),
+                     streak=cfg.trainer.log_every)
 
     try:
         for epoch in range(state.epoch, total_epochs):
@@ -369,9 +370,17 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                       })
 
 
-def check_finite(stages: list[Stage], algo: str, modules: int, steps: int, kept: str) -> None:
+def check_finite(stages: list[Stage], algo: str, modules: int, steps: int, kept: str,
+                 streak: int | None = None) -> None:
     """Raise Divergence for the earliest non-finite loss or gradient these stages have seen
-    (on_nonfinite=stop), naming its tick, module and batch."""
+    (on_nonfinite=stop), naming its tick, module and batch; with on_nonfinite=skip, when a
+    module has skipped `streak` steps in a row (it no longer recovers)."""
+    for s in stages:
+        if streak is not None and s.stats.skipped_in_a_row >= streak:
+            raise Divergence(
+                f"module {s.index + 1} skipped its last {s.stats.skipped_in_a_row} steps for "
+                f"non-finite gradients (trainer.on_nonfinite=skip) and does not recover; {kept}; "
+                "lower optim.lr")
     found = []
     for s in stages:
         for what, batch in (("training loss", s.first_nonfinite_batch() if s.last else None),
