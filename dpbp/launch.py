@@ -79,10 +79,10 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
 
 
 def check_writable(run_dir: Path) -> None:
-    """The run directory (and its checkpoints/) must take files: say so before training."""
-    probe = run_dir / "checkpoints" / f".probe-{os.getpid()}"
+    """The run directory must take files (checkpoints): say so before training."""
+    probe = run_dir / f".probe-{os.getpid()}"
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"dpbp")
         probe.unlink()
     except OSError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, run_cli
+from conftest import make_cfg
 
 from dpbp import failures
 from dpbp.launch import launch
@@ -134,17 +134,58 @@ def test_sigterm_to_the_parent_stops_cleanly_with_a_checkpoint_that_resumes(tmp_
     assert_resumes_exactly(run_dir, "fr", 2)
 
 
-def test_the_installed_command_exits_2_on_an_unwritable_run_directory(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    r = run_cli("train", "device=cpu", f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path,
-                timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+def test_a_run_directory_that_takes_no_files_is_bad_input(tmp_path, monkeypatch):
+    """A full disk (or a read-only one) under the run directory: found before training."""
+    import errno
+
+    from dpbp.errors import ConfigError
+    from dpbp.launch import check_writable
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(ConfigError, match=r"cannot write to the run directory .* \(No space left "
+                                          r"on device\); choose another with hydra.run.dir"):
+        check_writable(tmp_path / "run")
 
 
-# -- the diagnosis on its own --------------------------------------------------------------------
+def test_sigterm_to_a_single_process_run_stops_it_with_a_checkpoint(tmp_path):
+    """gpus=1 trains in the parent itself: the handler launch() installs turns SIGTERM into a
+    stop at the next chunk end, with a checkpoint there, and the run resumes to the end."""
+    from dpbp.errors import Interrupted
+
+    run_dir = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    when_checkpointed(run_dir, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at tick") as e:
+        launch(make_cfg(*SETTINGS), run_dir)
+    assert e.value.signum == signal.SIGTERM
+    run = torch.load(run_dir / "checkpoints" / "run.pt", weights_only=True)
+    assert run["epoch"] >= 1 and f"at tick {run['tick']} " in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone again
+    resumed = launch(make_cfg(*SETTINGS, "resume=true"), run_dir)
+    assert resumed["epochs"] == 3 and resumed["updates"] == [3 * 22]
+
+
+# -- without processes ---------------------------------------------------------------------------
+
+
+def test_signal_handlers_set_a_flag_while_the_run_polls():
+    from dpbp.interrupt import StopRequest, install
+
+    stop = StopRequest()
+    restore = install(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # nobody polls yet: the ordinary interrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        stop.signum, stop.watched = None, True
+        os.kill(os.getpid(), signal.SIGTERM)  # the run will stop at its next chunk end
+        assert stop.signum == signal.SIGTERM and stop.reason == "by SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops a single process at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        restore()
 
 
 def write_records(run_dir: Path, records: list[dict]) -> None:
