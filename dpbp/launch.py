@@ -11,11 +11,14 @@ launcher on a free port (sweeps never collide), passing the resolved config as a
 the run directory; or, with one worker or executor=local, trains in-process.
 
 Ending. A worker that dies or raises makes torchelastic stop the others (SIGTERM, then SIGKILL);
-its neighbours' communication fails at once, and any wait is bounded by dist.timeout_s. The
-parent names the rank, module and cause in one line (failures.py) and raises RuntimeError.
-SIGINT/SIGTERM on the parent reach the workers (torchelastic forwards them; Ctrl-C reaches the
-whole process group), which stop at a tick they agree on after a checkpoint there (interrupt.py,
-train.py) and exit with 128 + the signal; the parent raises Interrupted.
+its neighbours' communication fails at once, and any wait is bounded by dist.timeout_s (a
+signalled worker also exits by itself that long after the signal). The parent names the rank,
+module and cause in one line (failures.py), writes summary.json and raises RuntimeError.
+SIGINT/SIGTERM on the parent are passed on to the workers (and a STOP file is left for workers
+still starting; Ctrl-C reaches the whole process group anyway); they stop at a tick they agree
+on, after a checkpoint there (interrupt.py, train.py), and exit with 128 + the signal, and the
+parent raises Interrupted. A parent killed outright takes its workers along: they get SIGINT
+from the kernel (torch sets PR_SET_PDEATHSIG), checkpoint and exit.
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ Time: ticks are global across epochs (the pipeline is not flushed between epochs
 the ticks in which the first stage takes the epoch's batches; evaluation and the checkpoint come
 after them, with every module at its current weights. `train_seconds` excludes evaluation and
 checkpoints, so accuracy-versus-time curves of different runs compare directly.
+
+Stopping and resuming. Checkpoints are written at every epoch end and, on SIGINT/SIGTERM (or a
+STOP file in the run directory), at the next tick all processes agree on (interrupt.py); they hold
+the batches and messages in flight there (checkpoint.py), and a resumed run continues from that
+tick with the same numbers. Under algo.weights=live a stop first runs up to 2(K-1) more ticks,
+so that every batch still in flight has kept the weights its forward read. Non-finite losses and
+gradients are looked for once per chunk of `trainer.log_every` ticks (check_finite).
 """
 
 from __future__ import annotations
