@@ -9,7 +9,8 @@ signal, when it was killed). The parent then names the cause (`diagnose`):
 
 1. a worker that raised an error of its own (not a lost peer): the earliest one;
 2. else the exit torchelastic reported, when it was a signal (kill -9, out of memory);
-3. else a worker that started but never reported (it died without a word);
+3. else a worker that started but never reported: one a neighbour waited for in vain (it hung,
+   or was stopped), or one that died without a word;
 4. else what torchelastic reported.
 """
 
@@ -67,9 +68,11 @@ def started(run_dir: Path, rank: int) -> dict[str, Any]:
 
 
 def ended(run_dir: Path, record: dict[str, Any], status: str, error: str | None = None,
-          peer_lost: bool = False, tick: int | None = None) -> None:
-    """Record how this worker ended: completed, interrupted or failed."""
-    record.update(status=status, error=error, peer_lost=peer_lost, tick=tick, ended=time.time())
+          peer_lost: bool = False, tick: int | None = None, peer: int | None = None) -> None:
+    """Record how this worker ended: completed, interrupted or failed (`peer`: the rank it
+    waited for in vain)."""
+    record.update(status=status, error=error, peer_lost=peer_lost, tick=tick, peer=peer,
+                  ended=time.time())
     _write(_path(run_dir, record["rank"]), record)
 
 
@@ -87,7 +90,9 @@ def read(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 def is_peer_lost(e: BaseException) -> bool:
     """Whether an exception only says that another process went away or stopped answering."""
-    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+    from dpbp.dist import PeerTimeout
+
+    if isinstance(e, (PeerTimeout, getattr(torch.distributed, "DistError", ()))):
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(w in text for w in _PEER_LOST)
@@ -129,6 +134,11 @@ def diagnose(run_dir: Path, modules: int, replicas: int, rank: int, exitcode: in
     if killed and records.get(rank, {}).get("status") is None:
         return "failed", f"{name(rank)} was killed by {killed}"
     silent = [r for r, rec in sorted(records.items()) if rec.get("status") is None]
+    waited_for = [rec for rec in records.values() if rec.get("peer") in silent]
+    if waited_for:  # alive but silent: stopped (SIGSTOP), or stuck
+        rec = waited_for[0]
+        return "failed", (f"{name(rec['peer'])} stopped responding: {name(rec['rank'])} waited "
+                          "dist.timeout_s for it; it was terminated")
     if silent:
         return "failed", (f"{name(silent[0])} died without reporting an error (killed by a "
                           "signal, e.g. out of memory or kill -9)")

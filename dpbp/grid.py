@@ -59,10 +59,14 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.ctx.distributed:
+            import torch.distributed as dist
+
             from dpbp import dist as p2p
 
+            gloo = dist.get_backend() == "gloo"  # NCCL enforces its timeout by itself
             self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
-                                self.cfg.trainer.batch_size, self.device, self.groups)
+                                self.cfg.trainer.batch_size, self.device, self.groups,
+                                timeout_s=self.cfg.dist.timeout_s if gloo else None)
         else:
             self.local = LocalExecutor(stages, feed)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -144,14 +145,17 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
 
     failures.clear(run_dir)
     stop = StopRequest()
-    restore = forward_signals(stop, run_dir)
+    # workers get dist.timeout_s to stop after a signal; then they are killed
+    grace = cfg.dist.timeout_s + 15
+    killed: list[int] = []
+    restore = forward_signals(stop, run_dir, grace, killed)
     lc = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.gpus, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
         # on SIGINT/SIGTERM the workers stop at an agreed tick and checkpoint; they give up by
         # themselves dist.timeout_s after the signal, before torchelastic's SIGKILL
-        shutdown_timeout=int(cfg.dist.timeout_s) + 15,
+        shutdown_timeout=int(grace),
         signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT/SIGTERM: forward_signals
     )
     try:
@@ -161,6 +165,10 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         rank, failure = e.get_first_failure()
         status, line = failures.diagnose(run_dir, cfg.modules, cfg.algo.replicas, rank,
                                          failure.exitcode, last_line(failure.message))
+        if killed and stop.signum is not None:
+            status, line = "interrupted", (
+                f"stopped by {signal.Signals(stop.signum).name}: the workers did not stop "
+                f"within {grace:g} s and were killed; the last checkpoint is kept")
         if status == "interrupted":
             raise Interrupted(line, stop.signum or _signum(failure.exitcode)) from None
         write_summary(run_dir, {"status": "failed", "error": line, "config": cfg.to_dict()})
@@ -176,33 +184,45 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def _signum(exitcode: int | None) -> int:
     """The signal a worker that stopped on one exits for (128 + N)."""
-    import signal
-
     return exitcode - 128 if exitcode and exitcode > 128 else int(signal.SIGTERM)
 
 
-def forward_signals(stop: StopRequest, run_dir: Path):
+def forward_signals(stop: StopRequest, run_dir: Path, grace_s: float, killed: list[int]):
     """SIGINT/SIGTERM on the parent: pass the signal to every worker and leave a STOP file
     (for workers not started yet); the workers stop at an agreed tick with a checkpoint. The
-    parent itself goes on waiting for them: torchelastic's own handlers, which raise in the
-    middle of whatever the parent does and kill the workers after a timeout, are not used."""
-    import signal
+    parent goes on waiting for them, `grace_s` at most, then kills what is left (pids appended
+    to `killed`). torchelastic's own handlers, which raise in the middle of whatever the parent
+    does, are not used."""
+
+    def kill_the_rest() -> None:
+        for rec in failures.read(run_dir).values():
+            if rec.get("status") is None:  # has not ended by itself
+                with contextlib.suppress(OSError):
+                    os.kill(rec["pid"], signal.SIGKILL)
+                    killed.append(rec["pid"])
+
+    timer = threading.Timer(grace_s, kill_the_rest)
+    timer.daemon = True
 
     def handler(signum: int, frame: Any) -> None:
         if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop waiting (torchelastic kills them)
+        if stop.signum is None:
+            timer.start()
         stop.set(signum)
         with contextlib.suppress(OSError):
             (run_dir / STOP_FILE).touch()
         for rec in failures.read(run_dir).values():
-            with contextlib.suppress(OSError):
-                os.kill(rec["pid"], signum)
+            if rec.get("status") is None:
+                with contextlib.suppress(OSError):
+                    os.kill(rec["pid"], signum)
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore() -> None:
+        timer.cancel()  # the workers are gone: their pids may belong to others soon
         for s, h in previous.items():
             signal.signal(s, h)
         os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)  # set by elastic_launch
@@ -280,8 +300,9 @@ def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
         raise
     except BaseException as e:
         lost = failures.is_peer_lost(e)
+        peer = getattr(e, "peer", None)
         failures.ended(Path(run_dir), rec, "failed", failures.error_line(e), peer_lost=lost,
-                       tick=getattr(e, "tick", None))
+                       tick=getattr(e, "tick", None), peer=peer)
         if lost and not joined:  # let the agent see the culprit's exit first, then stop us
             deadline = time.monotonic() + failures.PEER_LOST_GRACE_S
             while stop.signum is None and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from dpbp import failures
+from dpbp import failures, schedule
 from dpbp.launch import launch
 from dpbp.train import train
 
@@ -237,3 +237,36 @@ def test_a_lost_peer_is_told_from_an_error_of_its_own():
     assert failures.is_peer_lost(torch.distributed.DistBackendError("NCCL watchdog timed out"))
     assert not failures.is_peer_lost(RuntimeError("CUDA out of memory"))
     assert not failures.is_peer_lost(ValueError("connection closed by peer"))
+
+
+def test_diagnose_names_a_worker_that_stopped_responding(tmp_path):
+    write_records(tmp_path, [
+        {"rank": 0, "status": "failed", "error": "PeerTimeout: rank 1 sent no grad message",
+         "peer_lost": True, "peer": 1, "ended": 1.0},
+        {"rank": 1},  # stopped (SIGSTOP) or stuck: never reported
+    ])
+    status, line = failures.diagnose(tmp_path, 2, 1, 0, 1, "")
+    assert line == ("worker rank 1 (module 2) stopped responding: worker rank 0 (module 1) "
+                    "waited dist.timeout_s for it; it was terminated")
+
+
+def test_a_point_to_point_wait_gives_up_after_the_timeout():
+    """gloo would wait for a message forever; P2P names the silent neighbour instead."""
+    from dpbp.dist import P2P, PeerTimeout
+
+    class Work:
+        def wait(self, timeout=None):
+            assert timeout is not None and timeout.total_seconds() == 3
+            raise RuntimeError("[unbound_buffer.cc:78] Timed out waiting 3000ms for recv")
+
+    class Comm:
+        def irecv(self, tensor, src, group):
+            return Work()
+
+    groups = {kind: ["g"] for kind in ("act", "grad", "eval")}
+    link = P2P(1, [4, 5], [(3,), (2,)], 8, torch.device("cpu"), groups, comm=Comm(),
+               timeout_s=3)
+    link.expect([schedule.Instr(schedule.RECV_ACT, 0)])
+    with pytest.raises(PeerTimeout, match="rank 4 sent no act message for 3 s") as e:
+        link.recv("act", 0)
+    assert e.value.peer == 4 and failures.is_peer_lost(e.value)
