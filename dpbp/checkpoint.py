@@ -49,6 +49,7 @@ import torch
 
 from dpbp.config import flatten
 from dpbp.errors import CheckpointError, ConfigError
+from dpbp.stage import compact
 
 FORMAT = "dpbp-checkpoint-2"
 # settings a resumed run must share with its checkpoint, or it trains other numbers than the run it
@@ -113,7 +114,7 @@ def save_stages(directory: Path, stages, messages: dict[int, list[Message]], sta
             "optimizer": s.optimizer.state_dict(),
             "updates": s.stats.updates,
             "inflight": s.inflight(),
-            "messages": [list(m) for m in messages.get(s.index, [])],
+            "messages": [[kind, b, compact(t)] for kind, b, t in messages.get(s.index, [])],
         }
         try:
             _atomic_save(obj, path, keep=stage_file(directory, s.index, replica, prev=True))

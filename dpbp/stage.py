@@ -75,6 +75,12 @@ def message(t: torch.Tensor) -> torch.Tensor:
     return full_precision(t.detach()).contiguous()
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or a copy if it is a view into a larger storage (torch.save writes the whole
+    storage of a view)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 @dataclass
 class Pending:
     """What a stage keeps for one batch between its forward and its backward."""
@@ -325,7 +331,7 @@ class Stage:
         and the counters that run across the tick boundary. Plain tensors, for a checkpoint."""
         pending = []
         for b, p in sorted(self.pending.items()):
-            entry: dict[str, Any] = {"batch": b, "x": p.x.detach()}
+            entry: dict[str, Any] = {"batch": b, "x": compact(p.x.detach())}
             if self.replay:
                 pass  # the input is all a replay needs
             elif self.stash:
