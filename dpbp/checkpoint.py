@@ -1,19 +1,45 @@
-"""Checkpoints: one file per stage plus the run's state, written atomically at epoch ends.
+"""Checkpoints: every process writes its own stages, then one file commits them; exact resume.
 
-Each process writes the stages it owns (`stage{k}.pt`: module weights and buffers, optimizer state)
-and the process of the last stage writes `run.pt` (epochs done, metrics so far, the config: a
-resume with settings that change the numbers is refused). Files are written
-to a temporary name and renamed, so a crash mid-write leaves the previous checkpoint intact; they
-are loaded with `weights_only=True`.
+Where: at every epoch end, and at the tick where a SIGINT/SIGTERM stops the run (train.py). Ticks
+are global across epochs and the pipeline is not flushed, so a checkpoint of a decoupled run
+(ddg, fr, fdg, dp_fdg with K > 1) is taken with batches in flight. It holds everything the next
+tick needs, and `resume=true` continues bit for bit as if the run had not stopped:
 
-What resumes exactly: anything whose in-flight state is empty at an epoch end, i.e. algo=bp (any
-K). A decoupled run (ddg, fr, fdg with K > 1) holds in-flight batches, stashed weights and error
-gradients across the epoch boundary that these files do not contain yet, so resuming one is
-refused rather than silently continuing from a different state.
+- `stage{k}.pt` (replica r > 0: `stage{k}.replica{r}.pt`), one per stage, written by the process
+  that runs it: the module's weights and buffers (BatchNorm statistics), the optimizer state
+  (momentum), the update count, and its in-flight state (Stage.inflight): for every batch it has
+  forwarded but not yet back-propagated the input it received and, under weights=stash, the weight
+  copy the forward used (weights=live: a copy of the weights that forward read, kept from the
+  ticks before the checkpoint on); the training-loss sums of the epoch so far (last stage), memory
+  counters; and the messages it sent in the last tick that its neighbours take in the next one
+  (schedule.carried: the error gradients of ddg/fr/fdg, and the activations of fdg).
+- `run.pt`, written last by the process of the last stage, commits them: the tick and epoch
+  reached, the metrics history, the config (a resume with settings that change the numbers is
+  refused).
+
+How the in-flight state comes back: the module, its optimizer and counters are loaded; each
+pending batch's autograd graph is rebuilt by running its forward again from the saved input and
+weights on copies of the buffers (the same graph bit for bit, BatchNorm statistics not advanced a
+second time; see stage.py for `live`); then every process sends the saved messages again before
+its first tick, so each neighbour receives exactly what it would have. The data order needs no
+state: batches are drawn by global batch number (train.Feed).
+
+Consistency. Each file is written to a temporary name, fsynced and renamed, so a crash mid-write
+never leaves a half file. The previous stage file is kept as `*.prev.pt` until `run.pt` names the
+new tick; every process writes its stage files before a barrier, and only then is `run.pt`
+replaced. A run killed between the two (or while writing) therefore still has, for every stage,
+a file of the tick `run.pt` names: loading picks it (checking the tick recorded inside each
+file), so a resume never mixes checkpoints of different ticks. Files are loaded with
+`weights_only=True`; a truncated, foreign or damaged file is refused with one sentence.
+
+Not resumable: pdasgd/hogwild (thread timing decides their numbers; refused in config.validate).
+A checkpoint that ends a finished decoupled run (the last epoch drains the pipeline and drops the
+late gradients) cannot be extended to more epochs exactly, and is refused for that.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -22,46 +48,90 @@ from typing import Any
 import torch
 
 from dpbp.config import flatten
-from dpbp.errors import ConfigError
+from dpbp.errors import CheckpointError, ConfigError
+from dpbp.stage import compact
 
-FORMAT = "dpbp-checkpoint-1"
+FORMAT = "dpbp-checkpoint-2"
 # settings a resumed run must share with its checkpoint, or it trains other numbers than the run it
 # continues; the rest (epochs, max_steps, logging, device, executor, dist, data.root) may change
 SAME_SETTINGS = ("seed", "model", "algo.", "data.", "optim.", "sched.", "trainer.batch_size")
 MAY_DIFFER = ("data.root", "data.download")
+Message = tuple[str, int, torch.Tensor]  # (kind, batch, tensor) in flight at the checkpoint
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def stage_file(directory: Path, stage: int, replica: int = 0, prev: bool = False) -> Path:
+    """The file of one stage of one replica (`prev`: the one kept until the next commit)."""
+    name = f"stage{stage}" + (f".replica{replica}" if replica else "")
+    return directory / (name + (".prev.pt" if prev else ".pt"))
+
+
+def _atomic_save(obj: Any, path: Path, keep: Path | None = None) -> None:
+    """Write `obj` to `path` through a temporary file; with `keep`, the file `path` held so far
+    is renamed to `keep` once the new one is complete on disk."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            os.replace(path, keep)
         os.replace(tmp, path)
     except BaseException:  # disk full, Ctrl-C: keep the previous file, leave no half-written one
         tmp.unlink(missing_ok=True)
         raise
 
 
-def save(directory: Path, stages, state, cfg) -> None:
-    """Write this process's stages (and the run state, if it holds the last stage)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _write_error(path: Path, e: OSError, directory: Path) -> CheckpointError:
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        (e.strerror or type(e).__name__).lower()
+    kept = (f"the previous checkpoint in {directory} is intact" if (directory / "run.pt").exists()
+            else "no earlier checkpoint exists")
+    return CheckpointError(f"cannot write checkpoint {path.name}: {why} ({directory}); {kept}; "
+                           "free space (or fix the directory) and resume.")
+
+
+def save_stages(directory: Path, stages, messages: dict[int, list[Message]], state, cfg,
+                replica: int = 0) -> None:
+    """Write this process's stages at `state.tick`, keeping each previous file as *.prev.pt
+    until `commit` names the new tick. `messages[k]`: what stage k has in flight."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(directory, e, directory) from None
     for s in stages:
-        _atomic_save({
+        path = stage_file(directory, s.index, replica)
+        obj = {
             "format": FORMAT,
             "stage": s.index,
+            "replica": replica,
             "modules": s.num_stages,
             "algo": cfg.algo.name,
             "model": cfg.model,
             "epoch": state.epoch,
+            "tick": state.tick,
             "module": s.module.state_dict(),
             "optimizer": s.optimizer.state_dict(),
             "updates": s.stats.updates,
-        }, directory / f"stage{s.index}.pt")
-        if s.last:
-            _atomic_save({"format": FORMAT, **asdict(state), "config": cfg.to_dict()},
-                         directory / "run.pt")
+            "inflight": s.inflight(),
+            "messages": [[kind, b, compact(t)] for kind, b, t in messages.get(s.index, [])],
+        }
+        try:
+            _atomic_save(obj, path, keep=stage_file(directory, s.index, replica, prev=True))
+        except OSError as e:
+            raise _write_error(path, e, directory) from None
+
+
+def commit(directory: Path, state, cfg) -> None:
+    """Name the stage files just written (every process's: call after a barrier) as the
+    checkpoint: write run.pt, then drop the previous stage files."""
+    path = directory / "run.pt"
+    try:
+        _atomic_save({"format": FORMAT, **asdict(state), "config": cfg.to_dict()}, path)
+    except OSError as e:
+        raise _write_error(path, e, directory) from None
+    for old in directory.glob("stage*.prev.pt"):
+        old.unlink(missing_ok=True)
 
 
 def find(resume: bool | str, run_dir: Path) -> Path:
@@ -78,23 +148,31 @@ def find(resume: bool | str, run_dir: Path) -> Path:
     return path
 
 
-def _check_exact(algo: str, modules: int) -> None:
-    if algo != "bp" and modules > 1:
-        raise ConfigError(
-            f"resuming algo={algo} with {modules} modules is not exact yet "
-            "(its in-flight batches are not checkpointed); rerun it without resume.")
-
-
-def check_resume(cfg, run_dir: Path) -> Path:
-    """Refuse a resume that `load` would refuse, in the parent: a worker's error exits with 1."""
-    _check_exact(cfg.algo.name, cfg.modules)
+def check_resume(cfg, run_dir: Path) -> dict[str, Any]:
+    """Refuse a resume that `load` would refuse, in the parent (a worker's error exits with 1);
+    return the run state saved in run.pt."""
     directory = find(cfg.resume, run_dir)
-    _check_same_settings(_load(directory / "run.pt"), cfg, directory)
-    for k in range(cfg.modules):
-        if not (directory / f"stage{k}.pt").is_file():
-            raise ConfigError(f"checkpoint {directory / f'stage{k}.pt'} is missing; resume from "
-                              "a complete checkpoints/ directory, or start without resume.")
-    return directory
+    run = _load(directory / "run.pt")
+    _check_same_settings(run, cfg, directory)
+    for r in range(cfg.algo.replicas):
+        for k in range(cfg.modules):
+            if not (stage_file(directory, k, r).is_file()
+                    or stage_file(directory, k, r, prev=True).is_file()):
+                raise ConfigError(f"checkpoint {stage_file(directory, k, r)} is missing; "
+                                  "resume from a complete checkpoints/ directory, or start "
+                                  "without resume.")
+    return run
+
+
+def check_extend(run: dict[str, Any], total_epochs: int, cfg) -> None:
+    """Refuse to train a finished decoupled run for more epochs: its last epoch drained the
+    pipeline and dropped the late gradients, which a longer run would have applied."""
+    if run.get("drained") and run["epoch"] < total_epochs and cfg.algo.name != "bp" \
+            and cfg.modules > 1:
+        raise ConfigError(
+            f"the checkpoint is the end of a finished {run['epoch']}-epoch algo={cfg.algo.name} "
+            "run (its pipeline was drained), so more epochs would not equal a longer run; start "
+            f"a new run with trainer.epochs={total_epochs}.")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -107,41 +185,65 @@ def _load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); "
                           "it is truncated or not a dpbp checkpoint.") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a dpbp checkpoint.")
+        older = isinstance(obj, dict) and str(obj.get("format", "")).startswith("dpbp-checkpoint")
+        raise ConfigError(f"{path} was written by another version of dpbp; rerun without resume."
+                          if older else f"{path} is not a dpbp checkpoint.")
     return obj
 
 
-def load(directory: Path, stages, cfg):
-    """Restore this process's stages in place; return the run state."""
+def _stage_checkpoint(directory: Path, stage: int, replica: int, tick: int) -> dict[str, Any]:
+    """The file of `stage` at `tick`: the current one, or the previous one if the run stopped
+    between writing the stage files and run.pt (then it becomes the current one again, so that
+    the next checkpoint keeps it as *.prev.pt until it commits)."""
+    path, prev = stage_file(directory, stage, replica), stage_file(directory, stage, replica, True)
+    found = None
+    for p in (path, prev):
+        if p.is_file():
+            ck = _load(p)
+            if ck.get("tick") == tick:
+                found = (p, ck)
+                break
+    if found is None:
+        ticks = [_load(p).get("tick") for p in (path, prev) if p.is_file()]
+        raise ConfigError(
+            f"{path} holds tick {ticks} but {directory / 'run.pt'} tick {tick} (files of "
+            "different checkpoints); resume from a complete checkpoints/ directory, or start "
+            "without resume.")
+    p, ck = found
+    if p == prev:
+        os.replace(prev, path)
+    return ck
+
+
+def load(directory: Path, stages, cfg, replica: int = 0,
+         device: torch.device | str = "cpu") -> tuple[Any, dict[int, list[Message]]]:
+    """Restore this process's stages in place (weights, optimizer, in-flight batches); return
+    the run state and, per stage, the messages to send again before the first tick."""
     from dpbp.train import RunState
 
-    _check_exact(cfg.algo.name, stages[0].num_stages)
     run = _load(directory / "run.pt")
     run.pop("format")
     _check_same_settings(run, cfg, directory)
     run.pop("config", None)
+    messages: dict[int, list[Message]] = {}
     for s in stages:
-        path = directory / f"stage{s.index}.pt"
-        ck = _load(path)
+        ck = _stage_checkpoint(directory, s.index, replica, run["tick"])
+        path = stage_file(directory, s.index, replica)
         if (ck["modules"], ck["algo"], ck["model"]) != (s.num_stages, cfg.algo.name, cfg.model):
             raise ConfigError(
                 f"checkpoint in {directory} is for algo={ck['algo']} model={ck['model']} with "
                 f"{ck['modules']} modules, not this run's; resume with the same settings.")
-        # each process writes its own files: a run stopped between two writes leaves stages of
-        # different epochs, and resuming from that mix would silently train a different model
-        if ck["epoch"] != run["epoch"]:
-            raise ConfigError(
-                f"{path} is from epoch {ck['epoch']} but {directory / 'run.pt'} from epoch "
-                f"{run['epoch']} (the run stopped while writing them); rerun without resume.")
         try:
             s.module.load_state_dict(ck["module"])
             s.optimizer.load_state_dict(ck["optimizer"])
+            s.restore_inflight(ck["inflight"], torch.device(device))
         except (RuntimeError, ValueError, KeyError) as e:  # other split.balance or data channels
             raise ConfigError(
                 f"{path} does not fit module {s.index + 1} of this run ({_first_line(e)}); resume "
                 "with the same split.balance and data.") from None
         s.stats.updates = ck["updates"]
-    return RunState(**run)
+        messages[s.index] = [(kind, int(b), t.to(device)) for kind, b, t in ck["messages"]]
+    return RunState(**run), messages
 
 
 def _check_same_settings(run: dict[str, Any], cfg, directory: Path) -> None:

@@ -5,12 +5,12 @@
     dpbp train -m algo=bp,ddg,fdg gpus=2,4       # a sweep: one run directory per job
     dpbp train --help | --cfg job                # Hydra's own help and config printing
 
-Exit status: 0 done, 1 the run failed, 2 bad input (one sentence on stderr, no traceback).
+Exit status: 0 done, 1 the run failed, 2 bad input (one sentence on stderr, no traceback),
+128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from importlib import resources
@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dpbp.errors import ConfigError
+from dpbp.errors import ConfigError, Interrupted
 
 USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 
@@ -73,26 +73,48 @@ def check_group_overrides(args: list[str]) -> None:
             raise ConfigError(f"unknown {group} '{value}'; choose one of {', '.join(options)}.")
 
 
+def check_output_dir(args: list[str]) -> None:
+    """Say in one sentence that the run directory cannot be made, before Hydra tries (it would
+    fail with a traceback): the nearest existing folder of hydra.run.dir (hydra.sweep.dir with
+    -m) must be a writable directory."""
+    import os
+
+    sweep = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
+    given = [a[len(key):] for a in args if a.startswith(key)]
+    target = given[-1] if given else ("multirun" if sweep else "outputs")
+    path = Path(target.split("${")[0] or ".").expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    why = ("is not a directory" if not path.is_dir() else
+           "is not writable" if not os.access(path, os.W_OK | os.X_OK) else None)
+    if why:
+        raise ConfigError(f"cannot create the run directory {target}: {path} {why}; choose "
+                          f"another with {key}DIR.")
+
+
 def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "failed") -> None:
-    """summary.json for a run that did not complete (unless the launcher already wrote one)."""
+    """summary.json for a run that did not complete, with the line the user sees."""
     from dpbp.logs import write_summary
 
-    path = run_dir / "summary.json"
-    if path.exists() and json.loads(path.read_text()).get("status") != "completed":
-        return
     write_summary(run_dir, {"status": status, "error": error,
                             "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
 def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
     """One sentence on what the checkpoints of a stopped run allow."""
+    import torch
+
     ckpt = run_dir / "checkpoints"
     if not (ckpt / "run.pt").exists():
-        return "no epoch had finished, so there is no checkpoint: rerun the same command."
-    if cfg.algo.name != "bp" and cfg.gpus > 1:
-        return (f"the weights of the last finished epoch are in {ckpt}; resuming "
-                f"algo={cfg.algo.name} over modules is not exact yet, so rerun the command.")
-    return f"continue from the last checkpoint with the same command plus resume={run_dir}"
+        return "there is no checkpoint yet: rerun the same command."
+    try:
+        run = torch.load(ckpt / "run.pt", map_location="cpu", weights_only=True)
+        where = f"epoch {run['epoch']}, tick {run['tick']}"
+    except Exception:  # the resume itself will say what is wrong with it
+        where = "the last one"
+    return (f"continue from the checkpoint ({where}) with the same command plus "
+            f"resume={run_dir}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="train")
@@ -113,6 +135,12 @@ def train_app(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # stopped at an agreed tick, after a checkpoint there
+        _job_failed = True
+        record_failure(run_dir, cfg, str(e), status="interrupted")
+        print(f"dpbp: {e}", file=sys.stderr)
+        print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         _job_failed = True
         record_failure(run_dir, cfg, "interrupted", status="interrupted")
@@ -120,8 +148,9 @@ def train_app(cfg: DictConfig) -> float | None:
         sys.exit(130)
     except Exception as e:
         _job_failed = True
-        record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
-        print(f"dpbp: run failed: {e}", file=sys.stderr)
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        record_failure(run_dir, cfg, line)
+        print(f"dpbp: run failed: {line}", file=sys.stderr)
         print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job and goes on with the rest of the sweep
@@ -204,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_group_overrides(rest)
+        check_output_dir(rest)
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         return 2

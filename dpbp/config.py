@@ -62,6 +62,7 @@ class TrainerConfig:
     checkpoint: bool = True
     log_every: int = 10
     progress: bool = True
+    on_nonfinite: str = "stop"  # stop: end the run naming tick/module/batch | skip: skip the step
 
 
 @dataclass
@@ -230,6 +231,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"trainer.threads={t.threads}: use null for torch's default or >= 1.")
     if t.log_every < 1:
         raise ConfigError("trainer.log_every must be at least 1.")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite must be stop or skip, not '{t.on_nonfinite}'.")
     if o.name != "sgd":
         raise ConfigError(f"unknown optimizer '{o.name}'; dpbp's algorithms use optim=sgd.")
     if o.lr <= 0 or o.momentum < 0 or o.weight_decay < 0:

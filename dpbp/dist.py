@@ -19,6 +19,11 @@ receiving stage may keep it as the stored input of a delayed backward. Every han
 Idle time: on CPU (gloo) `wait()` blocks the process, so time spent in it is time the stage had
 nothing to compute. On CUDA (NCCL) `wait()` only orders streams and returns at once, so the
 per-module idle/compute split is reported on CPU only.
+
+Timeouts: gloo applies the process group's timeout to collectives but waits for a point-to-point
+message forever, so a hung (not dead) neighbour would hang this stage too. With `timeout_s` every
+wait gives up after that long and raises PeerTimeout naming the silent rank (dist.timeout_s;
+gloo only: on NCCL a timed wait would block the host, and NCCL's watchdog enforces the timeout).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,6 +40,14 @@ import torch.distributed as dist
 from dpbp.schedule import RECV_ACT, RECV_GRAD, Instr
 
 KINDS = ("act", "grad", "eval")
+
+
+class PeerTimeout(RuntimeError):
+    """A neighbour sent or took nothing for dist.timeout_s: it hangs, or is stopped."""
+
+    def __init__(self, message: str, peer: int) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 def make_groups(ranks: Sequence[int], comm: Any = dist) -> dict[str, list[Any]]:
@@ -56,16 +70,20 @@ class P2P:
         groups: dict[str, list[Any]],
         comm: Any = dist,
         dtype: torch.dtype = torch.float32,
+        timeout_s: float | None = None,
     ) -> None:
         """`ranks[k]` is the global rank of stage k, `shapes[k]` the per-sample shape of stage k's
-        output; `comm` is torch.distributed (tests pass a simulation of it)."""
+        output; `comm` is torch.distributed (tests pass a simulation of it); `timeout_s`: give up
+        on a message after that long (gloo), None: wait as long as it takes."""
         self.index, self.ranks, self.device, self.dtype = index, list(ranks), device, dtype
+        self.timeout_s = timeout_s
         self.shapes = [tuple(s) for s in shapes]
         self.batch_size = batch_size
         self.groups, self.comm = groups, comm
         self.expected: dict[str, deque[int]] = {"act": deque(), "grad": deque()}
         self.posted: dict[str, tuple[int, torch.Tensor, Any] | None] = {"act": None, "grad": None}
         self.sending: dict[str, tuple[torch.Tensor, Any] | None] = {"act": None, "grad": None}
+        self.last_sent: dict[str, tuple[int, torch.Tensor]] = {}  # for checkpoints
         self.idle_seconds = 0.0
 
     # boundary b joins stage b and b+1: activations come in over b = index-1 and leave over
@@ -97,13 +115,27 @@ class P2P:
         src, group = self._route(kind, sending=False)
         self.posted[kind] = (batch, buf, self.comm.irecv(buf, src=src, group=group))
 
+    def _wait(self, work: Any, kind: str, sending: bool) -> None:
+        if self.timeout_s is None:
+            work.wait()
+            return
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower():
+                raise
+            peer, _ = self._route(kind, sending)
+            what = "took no" if sending else "sent no"
+            raise PeerTimeout(f"rank {peer} {what} {kind} message for {self.timeout_s:g} s "
+                              "(dist.timeout_s): it hangs or was stopped", peer) from None
+
     def recv(self, kind: str, batch: int) -> torch.Tensor:
         posted = self.posted[kind]
         if posted is None or posted[0] != batch:
             raise RuntimeError(f"stage {self.index} expected {kind} of batch {batch}, not {posted}")
         _, buf, work = posted
         t0 = time.perf_counter()
-        work.wait()
+        self._wait(work, kind, sending=False)
         self.idle_seconds += time.perf_counter() - t0
         self.posted[kind] = None
         self._post(kind)
@@ -115,12 +147,13 @@ class P2P:
         dst, group = self._route(kind, sending=True)
         # keep the tensor referenced until the send has completed
         self.sending[kind] = (tensor, self.comm.isend(tensor, dst=dst, group=group))
+        self.last_sent[kind] = (batch, tensor)
 
     def _wait_send(self, kind: str) -> None:
         pending = self.sending[kind]
         if pending is not None:
             t0 = time.perf_counter()
-            pending[1].wait()
+            self._wait(pending[1], kind, sending=True)
             self.idle_seconds += time.perf_counter() - t0
             self.sending[kind] = None
 
@@ -145,15 +178,15 @@ class P2P:
                 x = torch.empty((y.shape[0], *self.shapes[self.index - 1]), device=self.device,
                                 dtype=self.dtype)
                 src, group = self._route("eval", sending=False)
-                self.comm.recv(x, src=src, group=group)
+                self._wait(self.comm.irecv(x, src=src, group=group), "eval", sending=False)
             out = stage.evaluate(x)
             if last:
                 totals.add(out, y)
                 continue
             if in_flight is not None:
-                in_flight[1].wait()
+                self._wait(in_flight[1], "eval", sending=True)
             out = out.to(self.dtype).contiguous()
             dst, group = self._route("eval", sending=True)
             in_flight = (out, self.comm.isend(out, dst=dst, group=group))
         if in_flight is not None:
-            in_flight[1].wait()
+            self._wait(in_flight[1], "eval", sending=True)

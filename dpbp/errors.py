@@ -1,8 +1,4 @@
-"""The one exception type for bad input: the CLI prints its message and exits with status 2."""
-
-
-class Divergence(RuntimeError):
-    """Training produced a non-finite loss: the run stops and keeps its last good checkpoint."""
+"""The exceptions a run ends with; the CLI maps each to its exit status and one line."""
 
 
 class ConfigError(Exception):
@@ -11,3 +7,25 @@ class ConfigError(Exception):
     The message is one sentence that says what to change; the CLI prints it without a traceback
     and exits with status 2.
     """
+
+
+class Divergence(RuntimeError):
+    """Training produced a non-finite loss or gradient: the run stops and keeps its last good
+    checkpoint (trainer.on_nonfinite=stop). `tick`: where it happened."""
+
+    def __init__(self, message: str, tick: int | None = None) -> None:
+        super().__init__(message)
+        self.tick = tick
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run, at a tick every process agreed on, after writing a
+    checkpoint there (unless trainer.checkpoint=false). The CLI exits with 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

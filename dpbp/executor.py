@@ -31,7 +31,14 @@ from dpbp.stage import Stage, full_precision
 
 
 class Transport(Protocol):
-    """How a stage's messages move: (kind, batch) -> tensor, kind is "act" or "grad"."""
+    """How a stage's messages move: (kind, batch) -> tensor, kind is "act" or "grad".
+
+    `last_sent[kind]` is the (batch, tensor) of the latest send of that kind: a checkpoint
+    between two ticks saves the ones still in flight (schedule.carried) and a resumed run sends
+    them again before its first tick.
+    """
+
+    last_sent: dict[str, tuple[int, torch.Tensor]]
 
     def send(self, kind: str, batch: int, tensor: torch.Tensor) -> None: ...
 
@@ -75,7 +82,7 @@ def run_program(
         elif op == SEND_GRAD:
             io.send("grad", b, dgrads.pop(b))
         elif op == STEP:
-            stage.step()
+            stage.step(b)
         else:  # pragma: no cover - the schedule only emits the ops above
             raise ValueError(f"unknown instruction {ins}")
     outs.clear()
@@ -95,11 +102,13 @@ class Mailbox:
 class _MailboxEnd:
     def __init__(self, mailbox: Mailbox, index: int) -> None:
         self.mailbox, self.index = mailbox, index
+        self.last_sent: dict[str, tuple[int, torch.Tensor]] = {}
 
     def send(self, kind: str, batch: int, tensor: torch.Tensor) -> None:
         dst = self.index + 1 if kind == "act" else self.index - 1
         self.mailbox.box[(kind, dst, batch)] = tensor.clone()
         self.mailbox.moves += 1
+        self.last_sent[kind] = (batch, tensor)
 
     def recv(self, kind: str, batch: int) -> torch.Tensor | None:
         msg = self.mailbox.box.pop((kind, self.index, batch), None)
@@ -114,12 +123,13 @@ class LocalExecutor:
         self.stages = stages
         self.feed = feed
         self.mailbox = Mailbox()
+        self.ends = [self.mailbox.endpoint(s.index) for s in stages]
         self.seconds = [0.0] * len(stages)  # time spent running each stage
 
     def run(self, programs: Sequence[Sequence[Instr]]) -> None:
         """Run one program per stage to completion (messages left over stay for the next call)."""
         gens = [
-            run_program(s, p, self.mailbox.endpoint(s.index), self.feed)
+            run_program(s, p, self.ends[s.index], self.feed)
             for s, p in zip(self.stages, programs)
         ]
         active = dict(enumerate(gens))
@@ -146,6 +156,18 @@ class LocalExecutor:
                 x = s.evaluate(x)
             total.add(x, y)
         return total.result()
+
+
+def in_flight(io: Transport, sends: Sequence[Instr]) -> list[tuple[str, int, torch.Tensor]]:
+    """The messages of `sends` (schedule.carried) as (kind, batch, tensor), from `io.last_sent`."""
+    out = []
+    for ins in sends:
+        kind = "act" if ins.op == SEND_ACT else "grad"
+        batch, tensor = io.last_sent.get(kind, (None, None))
+        if batch != ins.batch:  # the schedule says it was the last one sent: a bug if not
+            raise RuntimeError(f"the {kind} message of batch {ins.batch} is not the last one sent")
+        out.append((kind, batch, tensor))
+    return out
 
 
 class Totals:

@@ -33,6 +33,7 @@ class Executor:
         self.ranks = [replica * k + i for i in range(k)]  # this replica's pipeline
         self.busy = 0.0  # dist: wall seconds inside run(), idle included
         self.grad_sync = None
+        self.control_group = None  # interrupt.Agreement's flags (gloo even under NCCL)
         if ctx.distributed:
             import torch.distributed as dist
 
@@ -47,6 +48,7 @@ class Executor:
             self.dp_group = data_parallel[ctx.rank % k]
             if cfg.algo.replicas > 1 and cfg.algo.name == "dp_fdg":  # ddp: DDP averages
                 self.grad_sync = GradSync(self.dp_group, cfg.algo.replicas)
+            self.control_group = dist.new_group(backend="gloo")
 
     def attach(self, stages: list[Stage], feed: Feed) -> None:
         """The stages this process runs and their data."""
@@ -57,10 +59,14 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.ctx.distributed:
+            import torch.distributed as dist
+
             from dpbp import dist as p2p
 
+            gloo = dist.get_backend() == "gloo"  # NCCL enforces its timeout by itself
             self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
-                                self.cfg.trainer.batch_size, self.device, self.groups)
+                                self.cfg.trainer.batch_size, self.device, self.groups,
+                                timeout_s=self.cfg.dist.timeout_s if gloo else None)
         else:
             self.local = LocalExecutor(stages, feed)
 
@@ -76,6 +82,38 @@ class Executor:
         for _ in run_program(self.stages[0], programs[0], self.link, self.feed):
             raise RuntimeError("a blocking receive returned nothing")
         self.busy += time.perf_counter() - t0
+
+    def _link(self, stage: Stage):
+        return self.link if self.ctx.distributed else self.local.ends[stage.index]
+
+    def in_flight(self, tick: int, num_batches: int, end_tick: int
+                  ) -> dict[int, list[tuple[str, int, torch.Tensor]]]:
+        """Per own stage, the messages it sent before `tick` that are taken at `tick` or later
+        (for a checkpoint between ticks `tick - 1` and `tick`)."""
+        from dpbp.executor import in_flight
+
+        algo, k = self.cfg.algo.name, len(self.shapes)
+        return {s.index: in_flight(self._link(s), schedule.carried(algo, s.index, k, tick,
+                                                                   num_batches, end_tick))
+                for s in self.stages}
+
+    def resend(self, messages: dict[int, list[tuple[str, int, torch.Tensor]]]) -> None:
+        """Send a checkpoint's in-flight messages again, before the first tick of a resume."""
+        for s in self.stages:
+            for kind, batch, tensor in messages.get(s.index, []):
+                self._link(s).send(kind, batch, tensor)
+
+    def drain(self, tick: int, num_batches: int, end_tick: int) -> None:
+        """Before stopping at `tick` (interrupt): take the messages the neighbours have in
+        flight off the wire (a checkpoint holds them), so that every send completes."""
+        if not self.ctx.distributed:
+            return
+        algo, k = self.cfg.algo.name, len(self.shapes)
+        incoming = schedule.carried_to(algo, self.stages[0].index, k, tick, num_batches,
+                                       end_tick)
+        self.link.expect(incoming)
+        for ins in incoming:
+            self.link.recv("act" if ins.op == schedule.RECV_ACT else "grad", ins.batch)
 
     def evaluate(self, batches) -> tuple[float, float]:
         if not self.ctx.distributed:
@@ -116,6 +154,7 @@ class Executor:
                 "compute_seconds": None if cuda else compute,
                 "idle_seconds": None if cuda else idle,
                 "updates": s.stats.updates,
+                "skipped": s.stats.skipped,
             })
         if not self.ctx.distributed:
             return mine

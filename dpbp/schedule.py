@@ -77,6 +77,59 @@ def _backward_tick(algo: str, stage: int, num_stages: int, batch: int) -> int:
     return batch + delay(algo, stage, num_stages) + (stage if pipelined(algo) else 0)
 
 
+def backward_tick(algo: str, stage: int, num_stages: int, batch: int) -> int:
+    """The tick at which `stage` back-propagates (and steps on) `batch`."""
+    return _backward_tick(algo, stage, num_stages, batch)
+
+
+def _receive_tick(algo: str, stage: int, num_stages: int, op: str, batch: int) -> int:
+    """The tick at which `stage` takes the message of `op` (RECV_ACT or RECV_GRAD) for `batch`."""
+    if op == RECV_ACT:
+        return batch + (stage if pipelined(algo) else 0)
+    return _backward_tick(algo, stage, num_stages, batch)
+
+
+def carried(
+    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
+) -> list[Instr]:
+    """The sends of `stage` before `tick` whose message is taken at `tick` or later: what is in
+    flight between ticks `tick - 1` and `tick` (a checkpoint there must hold these messages).
+
+    With this schedule every such message was sent at `tick - 1`: the error gradients of
+    ddg/fr/fdg and the activations of fdg (none for bp); the window below is wider on purpose so
+    that the answer follows from `tick_program` alone.
+    """
+    out = []
+    for t in range(max(0, tick - 2 * num_stages - 1), tick):
+        for ins in tick_program(algo, stage, num_stages, t, num_batches, end_tick):
+            if ins.op == SEND_ACT:
+                peer, recv = stage + 1, RECV_ACT
+            elif ins.op == SEND_GRAD:
+                peer, recv = stage - 1, RECV_GRAD
+            else:
+                continue
+            if _receive_tick(algo, peer, num_stages, recv, ins.batch) >= tick:
+                out.append(ins)
+    return out
+
+
+def carried_to(
+    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
+) -> list[Instr]:
+    """The receives of `stage` that take the messages its neighbours have in flight at `tick`
+    (`carried`): what a stage that stops there must take off the wire before it shuts down."""
+    out = []
+    if stage > 0:
+        out += [Instr(RECV_ACT, i.batch)
+                for i in carried(algo, stage - 1, num_stages, tick, num_batches, end_tick)
+                if i.op == SEND_ACT]
+    if stage < num_stages - 1:
+        out += [Instr(RECV_GRAD, i.batch)
+                for i in carried(algo, stage + 1, num_stages, tick, num_batches, end_tick)
+                if i.op == SEND_GRAD]
+    return out
+
+
 def tick_program(
     algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
 ) -> list[Instr]:

@@ -23,6 +23,24 @@ tensors (`torch.func.functional_call`):
 Gradient shrinking (FDG): the error gradient received from the next module is multiplied by beta
 before the backward, so the gradient sent further down carries it too (beta^(K-k) in module k).
 Weight decay is added by SGD afterwards and is not scaled.
+
+Between two ticks (`inflight` / `restore_inflight`, for checkpoints) a stage holds, per batch it
+has forwarded but not yet back-propagated: the input, and under `stash` the weight copy. An
+autograd graph cannot be saved, but it is a pure function of these two in train mode (BatchNorm
+normalises with the batch's own statistics), so it is rebuilt by running that forward again on
+copies of the buffers: the same saved tensors bit for bit, and the running statistics, already
+advanced by the first forward and restored from the checkpoint, are not advanced twice. Under
+`live` the graph also refers to the live weight storage, which later updates change: the rebuild
+runs the forward with the live storage temporarily holding the weights that forward used (a copy
+kept only for batches in flight at a checkpoint, `keep_weights_from`), then puts the current
+weights back, so the rebuilt graph again sees whatever the weights are at its backward.
+
+Non-finite values: `step` checks the (replica-averaged) gradient. With on_nonfinite=stop the
+first bad batch is remembered on the device (no sync per step; the run reads it once per chunk);
+with skip a step whose gradient is not finite is skipped (one device sync per step), the
+optimizer's state untouched, and counted. Skipping only guards the gradient: a step that is finite
+but so large that the weights overflow (learning rate far too high) is applied, after which every
+gradient is non-finite; the run stops when a module has skipped a whole chunk of steps in a row.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +75,12 @@ def message(t: torch.Tensor) -> torch.Tensor:
     return full_precision(t.detach()).contiguous()
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or a copy if it is a view into a larger storage (torch.save writes the whole
+    storage of a view)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 @dataclass
 class Pending:
     """What a stage keeps for one batch between its forward and its backward."""
@@ -64,6 +89,7 @@ class Pending:
     out: torch.Tensor | None = None  # output with its graph (None for replay)
     weights: dict[str, torch.Tensor] | None = None  # the weights the graph was built on
     nbytes: int = 0  # memory held for this batch beyond the module's own weights
+    snapshot: dict[str, torch.Tensor] | None = None  # live: forward weights, for a checkpoint
 
 
 @dataclass
@@ -76,7 +102,10 @@ class StageStats:
     correct: torch.Tensor | None = None
     seen: int = 0
     updates: int = 0
+    skipped: int = 0  # on_nonfinite=skip: updates skipped for a non-finite gradient
+    skipped_in_a_row: int = 0  # ... since the last update that was applied
     first_bad: torch.Tensor | None = None  # last stage: first batch with a non-finite loss
+    first_bad_grad: torch.Tensor | None = None  # first batch with a non-finite gradient
 
 
 class Stage:
@@ -93,9 +122,11 @@ class Stage:
         beta: float = 1.0,
         autocast: Callable[[], object] | None = None,
         grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         """`grad_sync(grads)` averages the gradients in place across data-parallel replicas
-        before every update (dp_fdg); None for a single pipeline."""
+        before every update (dp_fdg); None for a single pipeline. `on_nonfinite`: stop
+        (remember the first bad batch, the run stops) or skip (skip that update)."""
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -114,6 +145,9 @@ class Stage:
         self._graph_bytes: int | None = None  # bytes one in-flight batch holds (graph modes)
         self.stats = StageStats()
         self.autocast = autocast
+        self.skip_nonfinite = on_nonfinite == "skip"
+        # live: forwards of batches >= this keep a copy of their weights for a checkpoint
+        self.keep_weights_from: int | None = None
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -148,6 +182,9 @@ class Stage:
                 self._graph_bytes = sum(n for ptr, n in saved.items()
                                         if ptr not in self._param_storages)
             p = Pending(x=x, out=out, weights=weights, nbytes=self._graph_bytes)
+            if self.live_alias and self.keep_weights_from is not None \
+                    and batch >= self.keep_weights_from:
+                p.snapshot = {n: w.detach().clone() for n, w in self.params.items()}
         self.pending[batch] = p
         self.stats.held_bytes += p.nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.held_bytes)
@@ -204,6 +241,8 @@ class Stage:
                batch: int) -> None:
         n = labels.numel()
         s = self.stats
+        if self.skip_nonfinite and not bool(torch.isfinite(loss.detach())):
+            return  # its update is skipped too; the epoch's mean loss covers the others
         # remember the first batch with a non-finite loss without a device sync per step
         if s.first_bad is None:
             s.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
@@ -218,6 +257,11 @@ class Stage:
     def first_nonfinite_batch(self) -> int | None:
         """The first batch whose loss was NaN or infinite, if any (one device sync)."""
         fb = self.stats.first_bad
+        return None if fb is None or fb.item() < 0 else int(fb.item())
+
+    def first_nonfinite_grad_batch(self) -> int | None:
+        """The first batch whose gradient here was NaN or infinite, if any (one device sync)."""
+        fb = self.stats.first_bad_grad
         return None if fb is None or fb.item() < 0 else int(fb.item())
 
     def running_loss(self) -> float | None:
@@ -238,14 +282,35 @@ class Stage:
 
     # -- update ------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Apply the gradient the last backward set (SGD with momentum and weight decay)."""
+    def step(self, batch: int = -1) -> None:
+        """Apply the gradient the last backward set for `batch` (SGD with momentum and weight
+        decay); with on_nonfinite=skip, skip it if it is not finite."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
         if self.grad_sync is not None:
-            self.grad_sync([p.grad for p in self.params.values()])
+            self.grad_sync(grads)
+        # the largest magnitude is NaN or inf exactly when some entry is (no overflow, unlike a
+        # sum of squares); one fused kernel, and the flag stays on the device
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).max())
+               if grads else torch.zeros((), dtype=torch.bool))
+        s = self.stats
+        if self.skip_nonfinite:
+            if bool(bad):
+                s.skipped += 1
+                s.skipped_in_a_row += 1
+                for p in self.params.values():
+                    p.grad = None
+                return
+            s.skipped_in_a_row = 0
+        else:
+            if s.first_bad_grad is None:
+                s.first_bad_grad = torch.full((), -1, dtype=torch.long, device=bad.device)
+            s.first_bad_grad = torch.where(bad & (s.first_bad_grad < 0),
+                                           torch.full_like(s.first_bad_grad, batch),
+                                           s.first_bad_grad)
         self.optimizer.step()
         for p in self.params.values():
             p.grad = None
-        self.stats.updates += 1
+        s.updates += 1
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -257,6 +322,85 @@ class Stage:
             out = self.module(x)
         self.module.train()
         return message(out)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def inflight(self) -> dict[str, Any]:
+        """What this stage holds between two ticks, beyond its weights and optimizer: each
+        pending batch's input (and the weights its forward used, where the backward needs them)
+        and the counters that run across the tick boundary. Plain tensors, for a checkpoint."""
+        pending = []
+        for b, p in sorted(self.pending.items()):
+            entry: dict[str, Any] = {"batch": b, "x": compact(p.x.detach())}
+            if self.replay:
+                pass  # the input is all a replay needs
+            elif self.stash:
+                entry["weights"] = {n: w.detach() for n, w in p.weights.items()}
+            elif self.live_alias:
+                if p.snapshot is None:  # the run sets keep_weights_from before a checkpoint
+                    raise RuntimeError(f"module {self.index + 1} cannot checkpoint batch {b}: "
+                                       "its forward weights were not kept")
+                entry["weights"] = p.snapshot
+            else:
+                raise RuntimeError(f"module {self.index + 1} has batch {b} in flight between "
+                                   "two ticks, which its schedule never leaves")
+            pending.append(entry)
+        s = self.stats
+        return {
+            "pending": pending,
+            "graph_bytes": self._graph_bytes,
+            "peak_bytes": s.peak_bytes,
+            "loss_sum": None if s.loss_sum is None else s.loss_sum.detach(),
+            "correct": s.correct,
+            "seen": s.seen,
+            "skipped": s.skipped,
+            "skipped_in_a_row": s.skipped_in_a_row,
+        }
+
+    def restore_inflight(self, state: dict[str, Any], device: torch.device) -> None:
+        """Rebuild what `inflight` saved; the module's weights and buffers must be restored
+        already (the rebuilt graphs of `live` refer to the current weights)."""
+        s = self.stats
+        self.pending.clear()
+        s.held_bytes = 0
+        self._graph_bytes = state["graph_bytes"]
+        for entry in state["pending"]:
+            x = entry["x"].to(device)
+            if self.replay:
+                p = Pending(x=x, nbytes=x.untyped_storage().nbytes())
+            else:
+                p = self._rebuild(x, {n: w.to(device) for n, w in entry["weights"].items()})
+            self.pending[entry["batch"]] = p
+            s.held_bytes += p.nbytes
+        s.peak_bytes = state["peak_bytes"]
+        s.loss_sum = None if state["loss_sum"] is None else state["loss_sum"].to(device)
+        s.correct = None if state["correct"] is None else state["correct"].to(device)
+        s.seen, s.skipped = state["seen"], state["skipped"]
+        s.skipped_in_a_row = state["skipped_in_a_row"]
+
+    def _rebuild(self, x: torch.Tensor, used: dict[str, torch.Tensor]) -> Pending:
+        """The graph of a pending batch, from its input and the weights its forward used."""
+        x = x.detach().requires_grad_(self.index > 0)
+        # copies of the buffers: BatchNorm's running statistics already count this batch
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        if self.stash:
+            weights = {n: w.requires_grad_(True) for n, w in used.items()}
+            with self._autocast():
+                out = functional_call(self.module, {**weights, **buffers}, (x,))
+            return Pending(x=x, out=out, weights=weights, nbytes=self._graph_bytes)
+        # live: the graph must alias the live storage, so the forward runs with the storage
+        # holding the old weights; the aliases' version counters are their own (Tensor.data)
+        with torch.no_grad():
+            current = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(used[n])
+        weights = self._forward_weights()
+        with self._autocast():
+            out = functional_call(self.module, {**weights, **buffers}, (x,))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(current[n])
+        return Pending(x=x, out=out, weights=weights, nbytes=self._graph_bytes, snapshot=used)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (end of training: their gradients are dropped)."""

@@ -8,13 +8,20 @@ Time: ticks are global across epochs (the pipeline is not flushed between epochs
 the ticks in which the first stage takes the epoch's batches; evaluation and the checkpoint come
 after them, with every module at its current weights. `train_seconds` excludes evaluation and
 checkpoints, so accuracy-versus-time curves of different runs compare directly.
+
+Stopping and resuming. Checkpoints are written at every epoch end and, on SIGINT/SIGTERM (or a
+STOP file in the run directory), at the next tick all processes agree on (interrupt.py); they hold
+the batches and messages in flight there (checkpoint.py), and a resumed run continues from that
+tick with the same numbers. Under algo.weights=live a stop first runs up to 2(K-1) more ticks,
+so that every batch still in flight has kept the weights its forward read. Non-finite losses and
+gradients are looked for once per chunk of `trainer.log_every` ticks (check_finite).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +33,9 @@ from dpbp import checkpoint, schedule
 from dpbp.config import ASYNC, RunConfig
 from dpbp.data import Dataset, batch_generator, epoch_permutation, load_dataset, test_batches
 from dpbp.data import train_batch as make_train_batch
-from dpbp.errors import ConfigError, Divergence
+from dpbp.errors import ConfigError, Divergence, Interrupted
 from dpbp.grid import Executor
+from dpbp.interrupt import STOP_FILE, Agreement, StopRequest
 from dpbp.logs import write_summary
 from dpbp.models import build_blocks
 from dpbp.split import balanced_counts, block_flops, block_times, boundaries, check_balance
@@ -61,6 +69,9 @@ class RunState:
     """What the last stage knows about the run so far (checkpointed with it)."""
 
     epoch: int = 0  # epochs completed
+    tick: int = 0  # the next tick to run (a checkpoint lies between tick-1 and tick)
+    drained: bool = False  # the last epoch ran: the pipeline was drained, late gradients dropped
+    epoch_seconds: float = 0.0  # training seconds of the unfinished epoch (checkpoint inside it)
     train_seconds: float = 0.0
     images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -173,8 +184,12 @@ def make_optimizer(cfg: RunConfig, module: nn.Module) -> torch.optim.Optimizer:
 
 
 def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
-          logger_factory=None) -> dict[str, Any] | None:
-    """Train as configured; return the summary on the process that holds the last stage."""
+          logger_factory=None, stop: StopRequest | None = None) -> dict[str, Any] | None:
+    """Train as configured; return the summary on the process that holds the last stage.
+
+    `stop`: set by a signal handler (interrupt.install); the run then stops at a tick that every
+    process agrees on, writes a checkpoint there and raises Interrupted.
+    """
     ctx = ctx or WorkerContext()
     if cfg.algo.name in ASYNC:
         from dpbp.asgd import train_async
@@ -216,7 +231,8 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                                         device_ids=[device] if device.type == "cuda" else None)
         stages.append(Stage(m, k, k_total, cfg.algo.name, make_optimizer(cfg, m),
                             weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast,
-                            grad_sync=executor.grad_sync))
+                            grad_sync=executor.grad_sync,
+                            on_nonfinite=cfg.trainer.on_nonfinite))
     del modules, blocks
     # replica 0's last stage reports for the run (the replicas hold the same weights)
     last = stages[-1] if stages[-1].last and replica == 0 else None
@@ -231,13 +247,47 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
 
     state = RunState()
     ckpt_dir = run_dir / "checkpoints"
+    messages: dict[int, list] = {}
     if cfg.resume:
         src = checkpoint.find(cfg.resume, run_dir)
-        state = checkpoint.load(src, stages, cfg)
+        state, messages = checkpoint.load(src, stages, cfg, replica, device)
+        checkpoint.check_extend(asdict(state), total_epochs, cfg)
     executor.attach(stages, feed)
+    executor.resend(messages)  # what was in flight at the checkpoint, before the first tick
+    control = Agreement(stop or StopRequest(), executor.control_group, run_dir / STOP_FILE)
     state.wall_start = state.wall_start or time.time()
     log = logger_factory(cfg, run_dir, feed.steps, total_epochs, num_batches, state.wall_start) \
         if (logger_factory and last is not None) else None
+    algo = cfg.algo.name
+
+    def save(tick: int) -> None:
+        """Checkpoint between ticks tick-1 and tick, in every process, consistently."""
+        state.tick = tick
+        checkpoint.save_stages(ckpt_dir, stages, executor.in_flight(tick, num_batches, end_tick),
+                               state, cfg, replica)
+        executor.sync()  # every stage file is on disk before run.pt names their tick
+        if last is not None:
+            checkpoint.commit(ckpt_dir, state, cfg)
+
+    def stop_here(tick: int, signum: int) -> None:
+        if cfg.trainer.checkpoint:
+            save(tick)
+        executor.drain(tick, num_batches, end_tick)  # the checkpoint holds those messages
+        control.close()
+        executor.finish()
+        if last is not None:  # a resume must not stop again at once
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
+        epoch, done = divmod(tick, feed.steps)
+        saved = (f"checkpoint written to {ckpt_dir}" if cfg.trainer.checkpoint
+                 else "nothing saved (trainer.checkpoint=false)")
+        raise Interrupted(f"stopped {control.reason(signum)} at tick {tick} (epoch {epoch + 1}, "
+                          f"after {done} of its {feed.steps} batches); {saved}", signum)
+
+    def run_ticks(a: int, b: int) -> None:
+        executor.run(range(a, b), num_batches, end_tick)
+        # one device sync per chunk and stage, not per step
+        check_finite(stages, algo, k_total, feed.steps, kept_note(state, cfg, ckpt_dir),
+                     streak=cfg.trainer.log_every)
 
     try:
         for epoch in range(state.epoch, total_epochs):
@@ -246,32 +296,45 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                 for g in s.optimizer.param_groups:
                     g["lr"] = lr
             first = epoch * feed.steps
-            stop = end_tick if epoch == total_epochs - 1 else (epoch + 1) * feed.steps
+            start = max(first, state.tick)  # a checkpoint may lie inside the epoch
+            final = epoch == total_epochs - 1
+            stop = end_tick if final else (epoch + 1) * feed.steps
+            keep_weights_until(stages, algo, stop if cfg.trainer.checkpoint and not final
+                               else None)
+            carried_seconds, state.epoch_seconds = state.epoch_seconds, 0.0
             t0 = time.perf_counter()
-            for t in range(first, stop, cfg.trainer.log_every):
+            t, signum = start, None
+            while t < stop:
                 t_end = min(t + cfg.trainer.log_every, stop)
-                executor.run(range(t, t_end), num_batches, end_tick)
-                if stages[-1].last and (bad := stages[-1].first_nonfinite_batch()) is not None:
-                    kept = (f"the checkpoint of epoch {state.epoch} in {ckpt_dir} is the last "
-                            "good one" if state.epoch and cfg.trainer.checkpoint
-                            else "no checkpoint was written before it")
-                    raise Divergence(
-                        f"non-finite training loss at batch {bad} (epoch {bad // feed.steps + 1},"
-                        f" module {k_total} computes the loss); {kept}; lower optim.lr")
+                run_ticks(t, t_end)
                 if log is not None:
                     done = min(t_end, num_batches)
-                    ips = ((done - first) * cfg.trainer.batch_size * replicas
+                    ips = ((done - start) * cfg.trainer.batch_size * replicas
                            / (time.perf_counter() - t0))
                     log.advance(done, ips, last.running_loss())
+                t = t_end
+                if t < stop and (signum := control.poll()) is not None:
+                    # weights=live: forwards before t kept no copy of their weights; run until
+                    # those batches have left the pipeline (at most 2(K-1) ticks)
+                    extra = schedule.delay(algo, 0, k_total) if cfg.algo.weights == "live" else 0
+                    if extra:
+                        keep_weights_from(stages, algo, t)
+                        t_end = min(t + extra, stop)
+                        run_ticks(t, t_end)
+                        t = t_end
+                    if t < stop:
+                        state.epoch_seconds = carried_seconds + time.perf_counter() - t0
+                        stop_here(t, signum)
             executor.sync()  # the epoch ends when every module has finished its ticks
-            seconds = time.perf_counter() - t0
+            seconds = carried_seconds + time.perf_counter() - t0
             images = ((min((epoch + 1) * feed.steps, num_batches) - first)
                       * cfg.trainer.batch_size * replicas)
             state.train_seconds += seconds
             state.images += images
-            if epoch == total_epochs - 1:
+            if final:
                 for s in stages:
                     s.drop_pending()  # gradients that would arrive after the last tick
+                state.drained = True
             test_loss, test_acc = executor.evaluate(
                 test_batches(ds, cfg.trainer.eval_batch_size))
             state.epoch = epoch + 1
@@ -289,10 +352,15 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                     log.epoch(entry, seconds)
             epoch_stats = executor.stage_stats()
             if log is not None:
-                log.stages(epoch + 1, epoch_stats, stop - first)
-            if cfg.trainer.checkpoint and replica == 0:
-                checkpoint.save(ckpt_dir, stages, state, cfg)
+                log.stages(epoch + 1, epoch_stats, stop - start)
+            if not final:
+                signum = signum or control.settle()  # every process is here: agree at once
+                if signum is not None:
+                    stop_here(stop, signum)
+            if cfg.trainer.checkpoint:
+                save(stop)
         stats = executor.stage_stats()
+        control.close()
         executor.finish()
     finally:
         if log is not None:
@@ -309,7 +377,56 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                           "compute_seconds": [s["compute_seconds"] for s in stats],
                           "idle_seconds": [s["idle_seconds"] for s in stats],
                           "updates": [s["updates"] for s in stats],
+                          "skipped_steps": [s["skipped"] for s in stats],
                       })
+
+
+def check_finite(stages: list[Stage], algo: str, modules: int, steps: int, kept: str,
+                 streak: int | None = None) -> None:
+    """Raise Divergence for the earliest non-finite loss or gradient these stages have seen
+    (on_nonfinite=stop), naming its tick, module and batch; with on_nonfinite=skip, when a
+    module has skipped `streak` steps in a row (it no longer recovers)."""
+    for s in stages:
+        if streak is not None and s.stats.skipped_in_a_row >= streak:
+            raise Divergence(
+                f"module {s.index + 1} skipped its last {s.stats.skipped_in_a_row} steps for "
+                f"non-finite gradients (trainer.on_nonfinite=skip) and does not recover; {kept}; "
+                "lower optim.lr")
+    found = []
+    for s in stages:
+        for what, batch in (("training loss", s.first_nonfinite_batch() if s.last else None),
+                            ("gradient", s.first_nonfinite_grad_batch())):
+            if batch is not None:
+                tick = schedule.backward_tick(algo, s.index, modules, batch)
+                found.append((tick, -s.index, what != "training loss", batch, what))
+    if found:
+        tick, neg, _, batch, what = min(found)
+        raise Divergence(
+            f"non-finite {what} at batch {batch} (epoch {batch // steps + 1}, tick {tick}) in "
+            f"module {1 - neg}; {kept}; lower optim.lr, or skip such steps with "
+            "trainer.on_nonfinite=skip", tick=tick)
+
+
+def kept_note(state: RunState, cfg: RunConfig, ckpt_dir: Path) -> str:
+    """Which checkpoint a run that stops now leaves."""
+    if cfg.trainer.checkpoint and state.tick:
+        return f"the checkpoint of epoch {state.epoch} (tick {state.tick}) in {ckpt_dir} is the " \
+               "last good one"
+    return "no checkpoint was written before it"
+
+
+def keep_weights_until(stages: list[Stage], algo: str, tick: int | None) -> None:
+    """weights=live: the batches still in flight at `tick` (a checkpoint) keep a copy of the
+    weights their forward read; None: no checkpoint is due."""
+    for s in stages:
+        s.keep_weights_from = (None if tick is None
+                               else schedule.forward_batch(algo, s.index, tick - s.delay))
+
+
+def keep_weights_from(stages: list[Stage], algo: str, tick: int) -> None:
+    """weights=live: every forward from `tick` on keeps a copy of its weights."""
+    for s in stages:
+        s.keep_weights_from = schedule.forward_batch(algo, s.index, tick)
 
 
 def finish_run(cfg: RunConfig, run_dir: Path, log, state: RunState, ctx: WorkerContext,

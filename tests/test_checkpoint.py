@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from conftest import make_cfg
 
 from dpbp import checkpoint
-from dpbp.errors import ConfigError
+from dpbp.errors import CheckpointError, ConfigError
 from dpbp.launch import preflight
 from dpbp.models import build_blocks
 from dpbp.train import train
@@ -42,12 +43,14 @@ def test_checkpoint_files_are_complete_and_weights_only(done_run):
     stage = torch.load(ck_dir / "stage0.pt", weights_only=True)
     run = torch.load(ck_dir / "run.pt", weights_only=True)
     assert stage["format"] == run["format"] == checkpoint.FORMAT
-    assert (stage["stage"], stage["modules"], stage["algo"], stage["model"], stage["epoch"]) == \
-        (0, 1, "bp", "resnet20", 1)
+    assert (stage["stage"], stage["modules"], stage["algo"], stage["model"], stage["epoch"],
+            stage["tick"]) == (0, 1, "bp", "resnet20", 1, 3)
+    assert stage["inflight"]["pending"] == [] and stage["messages"] == []  # bp: nothing in flight
     model = torch.nn.Sequential(*build_blocks("resnet20", 1, 10))
     assert stage["module"].keys() == model.state_dict().keys()
     assert stage["updates"] == 3 and len(stage["optimizer"]["state"]) > 0
-    assert run["epoch"] == 1 and run["history"] == summary["history"]
+    assert run["epoch"] == 1 and run["tick"] == 3 and run["history"] == summary["history"]
+    assert run["drained"]  # the end of the run
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -160,23 +163,47 @@ def test_a_stage_file_of_another_split_is_refused(tmp_path):
         train(make_cfg(*settings, "split.balance=[6,5]", "resume=true"), tmp_path)
 
 
-def test_stages_of_different_epochs_are_refused(run_copy):
-    # what a run stopped between writing its stage file and run.pt leaves behind
+def test_stages_of_another_tick_are_refused(run_copy):
+    # run.pt names a tick that no stage file holds (files of different checkpoints)
     path = run_copy / "checkpoints" / "run.pt"
     run = torch.load(path, weights_only=True)
-    run["epoch"] = 2
+    run["tick"] = 7
     torch.save(run, path)
-    with pytest.raises(ConfigError, match="epoch"):
+    with pytest.raises(ConfigError, match="tick") as e:
+        train(make_cfg(*QUICK_RUN, "resume=true"), run_copy)
+    assert "different checkpoints" in str(e.value)
+
+
+def test_a_checkpoint_of_an_older_dpbp_is_refused_as_such(run_copy):
+    path = run_copy / "checkpoints" / "run.pt"
+    run = torch.load(path, weights_only=True)
+    run["format"] = "dpbp-checkpoint-1"
+    torch.save(run, path)
+    with pytest.raises(ConfigError, match="another version of dpbp"):
         train(make_cfg(*QUICK_RUN, "resume=true"), run_copy)
 
 
-def test_resume_of_a_decoupled_run_is_refused(tmp_path):
-    settings = ("algo=ddg", "gpus=2", "executor=local", *QUICK_RUN)
-    train(make_cfg(*settings), tmp_path)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
-        ["run.pt", "stage0.pt", "stage1.pt"]
-    cfg = make_cfg(*settings, "resume=true")
-    with pytest.raises(ConfigError, match="not exact"):
-        train(cfg, tmp_path)
-    with pytest.raises(ConfigError, match="not exact"):
-        preflight(cfg, quiet=True, run_dir=tmp_path)
+def test_a_full_disk_fails_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The disk fills up while epoch 2's checkpoint is written: a clear error, and epoch 1's
+    checkpoint stays complete and resumable."""
+    settings = ("trainer.epochs=3", "trainer.max_steps=30", "seed=2")
+    real_save = torch.save
+
+    def fills_up(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            f.write(b"\x80\x02partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(CheckpointError) as e:
+        train(make_cfg(*settings), tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    line = str(e.value)
+    assert "the disk is full" in line and "previous checkpoint" in line and "\n" not in line
+    ck_dir = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["run.pt", "stage0.pt"]
+    assert torch.load(ck_dir / "run.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(ck_dir / "stage0.pt", weights_only=True)["epoch"] == 1
+    resumed = train(make_cfg(*settings, "resume=true"), tmp_path)
+    assert resumed["epochs"] == 2 and resumed["updates"] == [30]

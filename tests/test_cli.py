@@ -72,8 +72,19 @@ BAD_INPUT = [
     (["+model.width=2"], "model"),
     (["resume=true"], "no checkpoint"),
     # refused in the parent: a worker's error would exit 1 with a traceback
-    (["algo=ddg", "gpus=2", "resume=true"], "not exact"),
+    (["algo=ddg", "gpus=2", "resume=true"], "no checkpoint"),
     (["resume={tmp}"], "no checkpoint"),
+    # the reliability checklist: every one before a worker starts
+    (["data=foo"], "unknown data 'foo'"),
+    (["algo=dp_fdg", "gpus=3"], "gpus=3 is not divisible by algo.replicas=2"),
+    (["gpus=-1"], "gpus=-1"),
+    (["algo=fdg", "algo.beta=0"], "algo.beta=0"),
+    (["optim.lr=-0.1"], "optim.lr must be positive"),
+    (["trainer.epochs=-1"], "trainer.epochs=-1"),
+    (["trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than the 1437"),
+    (["gpus=2", "executor=local", "split.balance=[5,7]"], "sums to 12"),
+    (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
+    (["hydra.run.dir={file}/run"], "is not a directory"),
 ]
 
 
@@ -82,10 +93,12 @@ BAD_INPUT = [
 def test_bad_input_exits_2_with_one_line(overrides, words, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    (tmp_path / "file").write_text("a file where a directory should be")
     run_dir = tmp_path / "run"
-    args = [o.replace("{tmp}", str(empty)) for o in overrides]
-    rc = call_main(["train", "device=cpu", "trainer.epochs=1", *args,
-                    f"hydra.run.dir={run_dir}"], monkeypatch)
+    args = [o.replace("{tmp}", str(empty)).replace("{file}", str(tmp_path / "file"))
+            for o in overrides]
+    rc = call_main(["train", "device=cpu", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
+                    *args], monkeypatch)
     out, err = capsys.readouterr()
     line = assert_one_line_error(rc, out, err)
     assert words in line
@@ -119,6 +132,15 @@ def test_real_cli_bad_input(tmp_path):
     r = run_cli("nosuchcommand", cwd=tmp_path)
     assert "nosuchcommand" in assert_one_line_error(r.returncode, r.stdout, r.stderr)
     assert not (tmp_path / "outputs").exists()  # bad input leaves no run directory behind
+
+
+def test_real_cli_unwritable_run_directory(tmp_path):
+    """Hydra would fail to make it with a traceback: dpbp says it first."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run_cli("train", "device=cpu", f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path,
+                timeout=120)
+    assert "is not a directory" in assert_one_line_error(r.returncode, r.stdout, r.stderr)
 
 
 def test_real_cli_cifar_download_fails_fast_offline(tmp_path):
@@ -263,3 +285,44 @@ def test_schedule_command_prints_the_table(capsys):
     assert "<A2 F2 B2 S" in out  # the last gradient would arrive after the end: not sent
     assert cli.main(["schedule", "ddg", "zero"]) == 2
     assert "usage: dpbp schedule" in capsys.readouterr().err
+
+
+def test_cuda_checks_exit_2(tmp_path, monkeypatch, capsys):
+    """device=cuda without CUDA, and more GPUs than the machine has (faked: no GPU here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        rc = call_main(["train", "device=cuda", f"hydra.run.dir={tmp_path / 'a'}"], monkeypatch)
+        assert "CUDA is not available" in assert_one_line_error(rc, *capsys.readouterr())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc = call_main(["train", "device=auto", "algo=ddg", "gpus=2", f"hydra.run.dir={tmp_path}"],
+                   monkeypatch)
+    line = assert_one_line_error(rc, *capsys.readouterr())
+    assert "gpus=2 but this machine has 1 GPUs" in line
+
+
+def test_a_corrupt_dataset_file_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    from test_data import write_cifar10
+
+    write_cifar10(tmp_path / "data")
+    (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x00garbage")
+    rc = call_main(["train", "device=cpu", "data=cifar10", f"data.root={tmp_path / 'data'}",
+                    "data.download=false", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch)
+    assert "data_batch_2" in assert_one_line_error(rc, *capsys.readouterr())
+
+
+def test_a_failed_run_says_what_happened_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Exit 1 and two lines: the cause, then what to do (here: resume from epoch 1)."""
+    rc = call_main(["train", "device=cpu", "trainer.epochs=3", "sched.milestones=[1]",
+                    "sched.gamma=1e12", "trainer.progress=false", f"hydra.run.dir={tmp_path}"],
+                   monkeypatch)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("dpbp: ")]
+    assert rc == 1 and len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("dpbp: run failed: non-finite training loss at batch ")
+    assert lines[1] == (f"dpbp: continue from the checkpoint (epoch 1, tick 22) with the same "
+                        f"command plus resume={tmp_path}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == lines[0].removeprefix("dpbp: run failed: ")

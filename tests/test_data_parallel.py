@@ -1,10 +1,15 @@
 """Data parallelism on a replicas x modules grid of real gloo processes: dp_fdg and ddp."""
 
+import signal
+import threading
+import time
+
 import pytest
 import torch
 
 from dpbp.config import RunConfig, validate
 from dpbp.data import DataConfig
+from dpbp.errors import Interrupted
 from dpbp.launch import launch
 from dpbp.train import train
 
@@ -35,14 +40,21 @@ def test_one_replica_is_fdg(tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_two_replicas_of_batch_b_equal_fdg_with_batch_2b(tmp_path):
+@pytest.fixture(scope="module")
+def dp_fdg_run(tmp_path_factory):
+    """dp_fdg, 2 replicas x 2 modules (4 processes), never stopped: (run dir, summary)."""
+    run_dir = tmp_path_factory.mktemp("dp_fdg") / "dp"
+    return run_dir, launch(config("dp_fdg", 4, 2, 32, model="mlp", augment="none"), run_dir)
+
+
+def test_two_replicas_of_batch_b_equal_fdg_with_batch_2b(tmp_path, dp_fdg_run):
     """Without BatchNorm, averaging the replicas' gradients is the gradient of the whole batch."""
-    dp = launch(config("dp_fdg", 4, 2, 32, model="mlp", augment="none"), tmp_path / "dp")
+    dp_dir, dp = dp_fdg_run
     fdg = train(config("fdg", 2, 1, 64, model="mlp", augment="none", executor="local"),
                 tmp_path / "fdg")
     assert (dp["modules"], dp["replicas"], dp["gpus"]) == (2, 2, 4)
     assert dp["steps"] == fdg["steps"] == 30 and dp["updates"] == fdg["updates"]
-    for a, b in zip(params(tmp_path / "dp", 2), params(tmp_path / "fdg", 2)):
+    for a, b in zip(params(dp_dir, 2), params(tmp_path / "fdg", 2)):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
     assert dp["final_test_acc"] == fdg["final_test_acc"]
@@ -64,3 +76,38 @@ def test_ddp_of_batch_b_equals_bp_with_batch_2b(tmp_path):
     assert {n.removeprefix("module.") for n in a} == set(b)
     for n in a:
         torch.testing.assert_close(a[n], b[n.removeprefix("module.")], rtol=1e-5, atol=1e-6)
+
+
+def test_dp_fdg_stopped_mid_run_resumes_exactly(tmp_path, dp_fdg_run):
+    """A STOP file (what the parent leaves on SIGTERM) stops all 4 processes at one tick with a
+    checkpoint: every replica's in-flight batches and messages. The resumed run equals the run
+    that was never stopped, bit for bit."""
+    ref_dir, ref = dp_fdg_run
+    run_dir = tmp_path / "dp"
+    cfg = config("dp_fdg", 4, 2, 32, model="mlp", augment="none")
+    run_dir.mkdir()
+    # launch() removes a STOP file left from an earlier run: make it appear once it started
+    threading.Thread(target=touch_when_started, args=(run_dir,), daemon=True).start()
+    with pytest.raises(Interrupted, match=r"STOP exists at tick \d+ \(epoch 1,") as e:
+        launch(cfg, run_dir)
+    assert e.value.signum == signal.SIGTERM
+    ck_dir = run_dir / "checkpoints"
+    tick = torch.load(ck_dir / "run.pt", weights_only=True)["tick"]
+    assert 0 < tick < 22 and f"at tick {tick} " in str(e.value)  # inside epoch 1
+    files = sorted(p.name for p in ck_dir.glob("stage*.pt"))
+    assert files == ["stage0.pt", "stage0.replica1.pt", "stage1.pt", "stage1.replica1.pt"]
+    assert not (run_dir / "STOP").exists()
+    cfg.resume = True
+    resumed = launch(cfg, run_dir)
+    strip = [[{k: v for k, v in e.items() if k != "train_seconds"} for e in s["history"]]
+             for s in (ref, resumed)]
+    assert strip[0] == strip[1] and ref["updates"] == resumed["updates"]
+    for a, b in zip(params(ref_dir, 2), params(run_dir, 2), strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def touch_when_started(run_dir):
+    deadline = time.monotonic() + 300
+    while not list((run_dir / ".workers").glob("rank*.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (run_dir / "STOP").touch()

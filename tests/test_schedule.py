@@ -101,3 +101,30 @@ def test_format_table_shows_the_fill():
     assert row0[1] == "F0 >A0" and row1[1] == ""
     assert row1[2] == "<A0 F0 B0 >G0 S"
     assert row0[3] == "F2 >A2 <G0 B0 S"
+
+
+@pytest.mark.parametrize("algo", ["bp", "ddg", "fr", "fdg", "dp_fdg"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_carried_is_what_is_in_flight_between_two_ticks(algo, k):
+    """Brute force over the whole run: a message is in flight at tick T when its send happens
+    before T and its receive at T or later; `carried` must name exactly those, all sent at T-1."""
+    nb = 9
+    end = schedule.num_ticks(algo, k, nb)
+    ev = events(algo, k, nb)
+    sent = {(s, i.op, i.batch): t for s in range(k) for t, i in ev[s]
+            if i.op in (SEND_ACT, SEND_GRAD)}
+    taken = {(s, i.op, i.batch): t for s in range(k) for t, i in ev[s]
+             if i.op in (RECV_ACT, RECV_GRAD)}
+    for tick in range(end + 1):
+        for s in range(k):
+            expected = []
+            for (src, op, b), t in sent.items():
+                peer, recv = (src + 1, RECV_ACT) if op == SEND_ACT else (src - 1, RECV_GRAD)
+                if src == s and t < tick <= taken[(peer, recv, b)]:
+                    expected.append((op, b))
+                    assert t == tick - 1
+            got = [(i.op, i.batch) for i in schedule.carried(algo, s, k, tick, nb, end)]
+            assert sorted(got) == sorted(expected), (tick, s)
+    anything = any(schedule.carried(algo, s, k, t, nb, end) for s in range(k)
+                   for t in range(end))
+    assert anything == (algo != "bp" and k > 1)  # bp finishes each batch within its tick

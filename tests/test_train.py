@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -109,3 +110,115 @@ def test_divergence_stops_the_run_naming_the_batch_and_keeps_the_good_checkpoint
     ck = torch.load(tmp_path / "checkpoints" / "stage0.pt", weights_only=True)
     assert ck["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ck["module"].values() if v.is_floating_point())
+
+
+def test_divergence_names_tick_module_and_batch_in_a_pipeline(tmp_path):
+    from dpbp.errors import Divergence
+
+    cfg = make_cfg("algo=ddg", "gpus=2", "executor=local", "trainer.epochs=2",
+                   "sched.milestones=[1]", "sched.gamma=1e12")
+    with pytest.raises(Divergence) as e:
+        train(cfg, tmp_path)
+    line = str(e.value)
+    m = re.fullmatch(r"non-finite (training loss|gradient) at batch (\d+) \(epoch 2, tick (\d+)\)"
+                     r" in module ([12]); the checkpoint of epoch 1 \(tick 22\) in .* is the last"
+                     r" good one; lower optim.lr, or skip such steps with "
+                     r"trainer.on_nonfinite=skip", line)
+    assert m, line
+    batch, tick, module = int(m[2]), int(m[3]), int(m[4])
+    assert batch >= STEPS_PER_EPOCH and tick == batch + (2 - module)  # ddg: module 1 lags 1
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught():
+    """sqrt at 0: the forward is finite, its gradient is not. Module 1's gradient is named."""
+    from torch import nn
+
+    from dpbp import schedule
+    from dpbp.errors import Divergence
+    from dpbp.executor import LocalExecutor
+    from dpbp.stage import Stage
+    from dpbp.train import check_finite
+
+    class SqrtOfRelu(nn.Module):
+        def forward(self, x):
+            return torch.sqrt(torch.relu(x) * 0)
+
+    class Feed:
+        def inputs(self, b):
+            return torch.ones(4, 3)
+
+        def labels(self, b):
+            return torch.zeros(4, dtype=torch.long)
+
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(3, 3), SqrtOfRelu()), nn.Linear(3, 2)]
+    stages = [Stage(m, k, 2, "ddg", torch.optim.SGD(m.parameters(), lr=0.1))
+              for k, m in enumerate(mods)]
+    nb = 2  # module 1 steps once (batch 0, at tick 1), after both losses were computed
+    end = schedule.num_ticks("ddg", 2, nb)
+    LocalExecutor(stages, Feed()).run([schedule.program("ddg", s, 2, range(end), nb, end)
+                                       for s in range(2)])
+    assert stages[1].first_nonfinite_batch() is None  # the loss stayed finite
+    with pytest.raises(Divergence, match=r"non-finite gradient at batch 0 \(epoch 1, tick 1\) "
+                                         r"in module 1; kept"):
+        check_finite(stages, "ddg", 2, 4, "kept")
+
+
+class SqrtOfSquare(torch.nn.Module):
+    """|x| with a finite forward; at x = 0 its gradient is NaN (sqrt'(0) = inf, times 2x = 0)."""
+
+    def forward(self, x):
+        return torch.sqrt(x * x)
+
+
+class ZeroFeed:
+    """Batch 2 is all zeros: the only batch whose gradient in module 1 is not finite."""
+
+    def inputs(self, b):
+        return torch.full((4, 3), 0.0 if b == 2 else 1.0)
+
+    def labels(self, b):
+        return torch.zeros(4, dtype=torch.long)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_one_bad_batch_stops_or_is_skipped(mode):
+    from torch import nn
+
+    from dpbp import schedule
+    from dpbp.errors import Divergence
+    from dpbp.executor import LocalExecutor
+    from dpbp.stage import Stage
+    from dpbp.train import check_finite
+
+    torch.manual_seed(0)
+    first = nn.Linear(3, 3, bias=False)  # zeros in, zeros out, whatever the weights
+    mods = [nn.Sequential(first, SqrtOfSquare()), nn.Linear(3, 2)]
+    stages = [Stage(m, k, 2, "ddg", torch.optim.SGD(m.parameters(), lr=0.01),
+                    on_nonfinite=mode) for k, m in enumerate(mods)]
+    nb = 6
+    end = schedule.num_ticks("ddg", 2, nb)
+    LocalExecutor(stages, ZeroFeed()).run([schedule.program("ddg", s, 2, range(end), nb, end)
+                                           for s in range(2)])
+    if mode == "stop":
+        with pytest.raises(Divergence, match=r"non-finite gradient at batch 2 \(epoch 1, tick 3\)"
+                                             r" in module 1"):
+            check_finite(stages, "ddg", 2, nb, "kept")
+        return
+    check_finite(stages, "ddg", 2, nb, "kept", streak=3)  # one bad step is no divergence
+    assert [s.stats.skipped for s in stages] == [1, 0]
+    assert [s.stats.updates for s in stages] == [nb - 2, nb]  # module 1: one fill tick, one skip
+    assert all(torch.isfinite(p).all() for m in mods for p in m.parameters())
+
+
+def test_on_nonfinite_skip_stops_a_run_that_does_not_recover(tmp_path):
+    """An absurd learning rate overflows the weights: every later gradient is non-finite, so
+    skipping cannot help; the run stops after a chunk of skipped steps in a row."""
+    from dpbp.errors import Divergence
+
+    cfg = make_cfg("algo=ddg", "gpus=2", "executor=local", "trainer.epochs=2",
+                   "sched.milestones=[1]", "sched.gamma=1e12", "trainer.on_nonfinite=skip",
+                   "trainer.log_every=4")
+    with pytest.raises(Divergence, match=r"module [12] skipped its last \d+ steps .* the "
+                                         r"checkpoint of epoch 1"):
+        train(cfg, tmp_path)
