@@ -236,11 +236,17 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
     result = {"machine": machine(), "device": cfg["device"], "started": started,
               "config": cfg, "rows": rows(cases, measurements),
               "measurements": [asdict(m) for m in measurements]}
+    write_outputs(result, out)  # the measurements are safe before the prediction starts
     if cfg["predict"]:
         from dpbp.predict import predict_rows
 
-        result["predictions"], result["profile"] = predict_rows(cfg, result["rows"], console)
-    write_outputs(result, out)
+        try:
+            result["predictions"], result["profile"] = predict_rows(cfg, result["rows"],
+                                                                    console)
+        except Exception as e:  # noqa: BLE001 - the measurements stand without it
+            console.print(f"dpbp: the prediction failed ({type(e).__name__}: {e}); the "
+                          "measurements are written without it.", highlight=False)
+        write_outputs(result, out)
     return result
 
 
