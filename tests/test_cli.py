@@ -176,7 +176,7 @@ def test_train_help_lists_the_config_groups(monkeypatch, capsys):
     for group in cli.GROUPS:
         line = next(ln for ln in groups.splitlines() if ln.startswith(f"{group}: "))
         assert set(line.split(": ")[1].split(", ")) == set(cli.group_options(group))
-    assert "algo: bp, ddg, ddp, dp_fdg, fdg, fr, hogwild, pdasgd" in groups
+    assert "algo: bp, ddg, ddp, dp_fdg, fdg, fr, gpipe, hogwild, pdasgd" in groups
 
 
 def test_cfg_job_prints_the_whole_config(monkeypatch, capsys):

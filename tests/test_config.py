@@ -63,8 +63,9 @@ def test_every_option_of_every_group_composes_and_validates(group):
     options = group_options(group)
     assert options, f"no YAML files in conf/{group}"
     for option in options:
-        # dp_fdg's 2 replicas need at least 2 workers
-        d = compose_dict(f"{group}={option}", *(["gpus=4"] if option == "dp_fdg" else []))
+        # dp_fdg's 2 replicas need at least 2 workers; gpipe one process per stage
+        workers = {"dp_fdg": ["gpus=4"], "gpipe": ["gpus=2"]}.get(option, [])
+        d = compose_dict(f"{group}={option}", *workers)
         cfg = from_dict(d)  # every key of every YAML file is a known setting of the right type
         validate(cfg)
         if group == "model":
