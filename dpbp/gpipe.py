@@ -21,9 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-PIPELINES = ("gpipe", "1f1b")
 
 
 def make_schedule(stage, pipeline: str, microbatches: int):
@@ -40,32 +37,12 @@ def train_gpipe(cfg, run_dir: Path, ctx, logger_factory=None) -> dict[str, Any] 
     from torch.distributed.pipelining import PipelineStage
 
     from dpbp import dist as p2p
-    from dpbp.data import load_dataset, test_batches
+    from dpbp.data import test_batches
     from dpbp.executor import Totals
-    from dpbp.split import boundaries
     from dpbp.stage import Stage
-    from dpbp.train import (
-        EpochLog,
-        Feed,
-        RunState,
-        build_model,
-        finish_run,
-        lr_at,
-        make_optimizer,
-        output_shapes,
-        pick_device,
-        resolve_balance,
-    )
+    from dpbp.train import EpochLog, Feed, RunState, finish_run, lr_at, make_optimizer, split_model
 
-    device = pick_device(cfg, ctx.local_rank)
-    if device.type == "cpu" and cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    ds = load_dataset(cfg.data, device, seed=cfg.seed)
-    blocks = build_model(cfg, ds)
-    num_parameters = sum(p.numel() for b in blocks for p in b.parameters())
-    counts = resolve_balance(cfg, blocks, ds, device)
-    modules = [nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
-    shapes = output_shapes(modules, ds)
+    device, ds, modules, counts, shapes, num_parameters = split_model(cfg, ctx)
     k_total, k = len(modules), ctx.rank
     module = modules[k].to(device)
     optimizer = make_optimizer(cfg, module)

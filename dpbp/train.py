@@ -183,6 +183,23 @@ def make_optimizer(cfg: RunConfig, module: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
 
 
+def split_model(cfg: RunConfig, ctx: WorkerContext
+                ) -> tuple[torch.device, Dataset, list[nn.Module], list[int],
+                           list[tuple[int, ...]], int]:
+    """What every pipeline process sets up alike: its device (and CPU threads), the data, the
+    whole model cut into modules (on the CPU), their block counts and output shapes, and the
+    number of parameters."""
+    device = pick_device(cfg, ctx.local_rank)
+    if device.type == "cpu" and cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    ds = load_dataset(cfg.data, device, seed=cfg.seed)
+    blocks = build_model(cfg, ds)
+    num_parameters = sum(p.numel() for b in blocks for p in b.parameters())
+    counts = resolve_balance(cfg, blocks, ds, device)
+    modules = [nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
+    return device, ds, modules, counts, output_shapes(modules, ds), num_parameters
+
+
 def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
           logger_factory=None, stop: StopRequest | None = None) -> dict[str, Any] | None:
     """Train as configured; return the summary on the process that holds the last stage.
@@ -199,15 +216,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         from dpbp.gpipe import train_gpipe
 
         return train_gpipe(cfg, run_dir, ctx, logger_factory)
-    device = pick_device(cfg, ctx.local_rank)
-    if device.type == "cpu" and cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    ds = load_dataset(cfg.data, device, seed=cfg.seed)
-    blocks = build_model(cfg, ds)
-    num_parameters = sum(p.numel() for b in blocks for p in b.parameters())
-    counts = resolve_balance(cfg, blocks, ds, device)
-    modules = [nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
-    shapes = output_shapes(modules, ds)
+    device, ds, modules, counts, shapes, num_parameters = split_model(cfg, ctx)
     k_total = len(modules)
     replicas = cfg.algo.replicas
     replica, k_mine = divmod(ctx.rank, k_total)  # ranks: replica-major, module-minor
@@ -233,7 +242,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                             weights=cfg.algo.weights, beta=cfg.algo.beta, autocast=autocast,
                             grad_sync=executor.grad_sync,
                             on_nonfinite=cfg.trainer.on_nonfinite))
-    del modules, blocks
+    del modules
     # replica 0's last stage reports for the run (the replicas hold the same weights)
     last = stages[-1] if stages[-1].last and replica == 0 else None
 

@@ -118,6 +118,17 @@ class Feed:
         return self.y[b]
 
 
+def run_threads(rank, k: int, errors: list[BaseException]) -> None:
+    """`rank(s)` for every stage s in a thread of its own; the first error is raised here."""
+    threads = [threading.Thread(target=rank, args=(s,)) for s in range(k)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    if errors:
+        raise errors[0]
+
+
 def run_ranks(algo: str, k: int, num_batches: int, chunk: int, groups_for) -> None:
     """Train k stages as threads over SimComm, in tick chunks with an evaluation after each."""
     sim = SimComm()
@@ -143,13 +154,7 @@ def run_ranks(algo: str, k: int, num_batches: int, chunk: int, groups_for) -> No
         except Exception as e:  # surfaced in the main thread below
             errors.append(e)
 
-    threads = [threading.Thread(target=rank, args=(s,)) for s in range(k)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    if errors:
-        raise errors[0]
+    run_threads(rank, k, errors)
 
 
 @pytest.mark.parametrize("algo", ["bp", "ddg", "fr", "fdg"])
@@ -238,13 +243,7 @@ def train_ranks(algo: str, k: int, weights: str, num_batches: int, stop: int | N
     sim1, sim2 = SimComm(), SimComm()
     rank = phases(sim1, sim2, p2p.make_groups(list(range(k)), sim1),
                   p2p.make_groups(list(range(k)), sim2))
-    threads = [threading.Thread(target=rank, args=(s,)) for s in range(k)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
-    if errors:
-        raise errors[0]
+    run_threads(rank, k, errors)
     return [final[s] for s in range(k)]
 
 
