@@ -1,6 +1,9 @@
 """PD-ASGD (Fokam et al., arXiv 2410.05985) and its Hogwild! baseline: asynchronous SGD with
 forward and backward in separate threads on one shared model per device.
 
+The algorithms' records are dpbp/algos/pdasgd.py and hogwild.py; their options say whether the
+updates are layer-wise (`layerwise`).
+
 - `pdasgd`: layer-wise updates. During a backward thread's pass, each parameter tensor is updated
   in place (momentum SGD, lock-free) the moment its gradient is ready (a post-accumulate-grad
   hook), before the backward reaches the layers below.
@@ -27,18 +30,24 @@ it and the update that used its gradient (mean and max go to summary.json).
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-ALGOS = ("pdasgd", "hogwild")
+from dpbp import checkpoint
+from dpbp.build import build_model, pick_device
+from dpbp.data import load_dataset, test_batches
+from dpbp.errors import Divergence
+from dpbp.executor import Totals
+from dpbp.feed import Feed
 
 
 class Staleness:
@@ -133,7 +142,6 @@ class AsyncSGD:
 
 def average_parameters(model: nn.Module, world: int, group=None) -> None:
     """Replace every parameter by its mean over the processes (one flat all-reduce)."""
-    import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     ps = [p.data for p in model.parameters()]
@@ -146,13 +154,25 @@ def average_parameters(model: nn.Module, world: int, group=None) -> None:
 
 def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backward_threads: int,
               average_every: int, world: int) -> None:
-    """Train on `batches` with the threads; return when every thread has finished."""
+    """Train on `batches` with the threads; return when every thread has finished.
+
+    With world > 1, the parameters are averaged each time the global batch count passes a
+    multiple of `average_every` (every process runs the same ranges, so the collectives match).
+    """
     it, take = iter(batches), threading.Lock()
     q: queue.Queue = queue.Queue(maxsize=backward_threads)
     errors: list[BaseException] = []
     stop = object()
     forwards_left = [forward_threads]
     start_steps = sgd.steps
+    # local steps (from the start of `batches`) after which to average
+    marks = [m - batches.start for m in range(batches.start + 1, batches.stop + 1)
+             if m % average_every == 0]
+
+    def fail(e: BaseException) -> None:
+        errors.append(e)
+        with sgd.stepped:  # wake the averaging thread: it must not wait for steps forever
+            sgd.stepped.notify_all()
 
     def forward_loop() -> None:
         try:
@@ -164,7 +184,7 @@ def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backwar
                     break
                 q.put(sgd.forward(shell, feed.inputs(b), feed.labels(b)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
+            fail(e)
         finally:
             with take:
                 forwards_left[0] -= 1
@@ -179,20 +199,23 @@ def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backwar
             try:
                 sgd.backward(item)
             except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+                fail(e)
 
     def average_loop() -> None:
         try:
-            for r in range(1, len(batches) // average_every + 1):
+            for mark in marks:
                 with sgd.stepped:
-                    sgd.stepped.wait_for(lambda r=r: sgd.steps - start_steps >= r * average_every)
+                    sgd.stepped.wait_for(lambda mark=mark: sgd.steps - start_steps >= mark
+                                         or bool(errors))
+                if errors:
+                    return
                 average_parameters(sgd.model, world)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
     threads = [threading.Thread(target=forward_loop) for _ in range(forward_threads)]
     threads += [threading.Thread(target=backward_loop) for _ in range(backward_threads)]
-    if world > 1:
+    if world > 1 and marks:
         threads.append(threading.Thread(target=average_loop))
     for t in threads:
         t.start()
@@ -202,85 +225,131 @@ def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backwar
         raise errors[0]
 
 
-def train_async(cfg, run_dir: Path, ctx, logger_factory=None) -> dict[str, Any] | None:
-    """The run of pdasgd/hogwild: one process per device, threads inside."""
-    from dpbp.data import load_dataset, test_batches
-    from dpbp.executor import Totals
-    from dpbp.train import EpochLog, Feed, RunState, build_model, finish_run, lr_at, pick_device
+class ThreadsRunner:
+    """The threads family for the run loop (train.Runner): one process per device, a shared
+    model and its threads inside; positions are batches."""
 
-    device = pick_device(cfg, ctx.local_rank)
-    if device.type == "cpu" and cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    world = cfg.gpus if ctx.distributed else 1
-    ds = load_dataset(cfg.data, device, seed=cfg.seed)
-    model = nn.Sequential(*build_model(cfg, ds)).to(device).train()
-    num_parameters = sum(p.numel() for p in model.parameters())
-    feed = Feed(ds, cfg.trainer.batch_size, cfg.seed, device, ctx.rank, world)
-    o, a = cfg.optim, cfg.algo
-    sgd = AsyncSGD(model, o.lr, o.momentum, o.weight_decay, layerwise=a.name == "pdasgd")
-    num_batches = cfg.trainer.epochs * feed.steps
-    if cfg.trainer.max_steps is not None:
-        num_batches = min(num_batches, cfg.trainer.max_steps)
-    epochs = -(-num_batches // feed.steps)
-    report = ctx.rank == 0
-    state = RunState(wall_start=time.time())
-    log = logger_factory(cfg, run_dir, feed.steps, epochs, num_batches, state.wall_start) \
-        if logger_factory and report else None
-    try:
-        for epoch in range(epochs):
-            sgd.lr = lr_at(cfg, epoch)
-            first, stop = epoch * feed.steps, min((epoch + 1) * feed.steps, num_batches)
-            t0 = time.perf_counter()
-            run_epoch(sgd, feed, range(first, stop), a.forward_threads, a.backward_threads,
-                      a.average_every, world)
-            if world > 1:
-                average_parameters(model, world)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            state.train_seconds += seconds
-            images = (stop - first) * cfg.trainer.batch_size * world
-            state.images += images
-            sums = torch.tensor([sgd.loss_sum, sgd.correct, sgd.seen], dtype=torch.float64)
-            sgd.loss_sum, sgd.correct, sgd.seen = 0.0, 0, 0
-            if world > 1:
-                import torch.distributed as dist
+    def __init__(self, cfg, run_dir: Path, ctx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.device = pick_device(cfg, ctx.local_rank)
+        if self.device.type == "cpu" and cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        self.world = cfg.gpus if ctx.distributed else 1
+        self.data = load_dataset(cfg.data, self.device, seed=cfg.seed)
+        self.model = nn.Sequential(*build_model(cfg, self.data)).to(self.device).train()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.counts = [len(self.model)]
+        self.feed = Feed(self.data, cfg.trainer.batch_size, cfg.seed, self.device, ctx.rank,
+                         self.world)
+        self.steps = self.feed.steps
+        o = cfg.optim
+        self.sgd = AsyncSGD(self.model, o.lr, o.momentum, o.weight_decay,
+                            layerwise=type(cfg.algo).layerwise)
+        self.reports = ctx.rank == 0
+        self.control_group = None
+        if ctx.distributed:
+            self.control_group = dist.new_group(backend="gloo")
 
-                sums = sums.to(device)
-                dist.all_reduce(sums)
-            state.epoch = epoch + 1
-            if not report:
-                continue
-            totals = Totals()
-            with torch.no_grad():
-                model.eval()
-                for x, y in test_batches(ds, cfg.trainer.eval_batch_size):
-                    totals.add(model(x), y)
-                model.train()
-            test_loss, test_acc = totals.result()
-            loss_sum, correct, seen = sums.tolist()
-            state.best_test_acc = max(state.best_test_acc, test_acc)
-            entry = EpochLog(epoch + 1, loss_sum / seen, correct / seen, test_loss, test_acc,
-                             sgd.lr, state.train_seconds, images)
-            state.history.append(entry.__dict__)
-            if log is not None:
-                log.advance(stop, images / max(seconds, 1e-9), loss_sum / seen)
-                log.epoch(entry, seconds)
-    finally:
-        if log is not None:
-            log.close_progress()
-    if not report:
+    def end(self, num_batches: int) -> int:
+        return num_batches
+
+    def restore(self, directory: Path, tick: int) -> None:
+        """The shared model, momentum, staleness counters and loss sums at batch `tick`."""
+        ck = checkpoint.load_part(directory, 0, self.ctx.rank, tick)
+        self.model.load_state_dict(ck["module"])
+        sgd = self.sgd
+        for n, buf in ck["momentum"].items():
+            sgd.buf[n].copy_(buf)
+        sgd.steps, sgd.loss_sum, sgd.correct, sgd.seen = (ck["steps"], ck["loss_sum"],
+                                                          ck["correct"], ck["seen"])
+        for key in ("version", "total", "max", "count"):
+            getattr(sgd.meter, key).update(ck["staleness"][key])
+
+    def set_lr(self, lr: float) -> None:
+        self.sgd.lr = lr
+
+    def begin_epoch(self, stop: int, checkpoint_due: bool) -> None:
+        pass
+
+    def run(self, start: int, stop: int) -> None:
+        a = self.cfg.algo
+        run_epoch(self.sgd, self.feed, range(start, stop), a.forward_threads,
+                  a.backward_threads, a.average_every, self.world)
+
+    def check(self, kept: str) -> None:
+        if not math.isfinite(self.sgd.loss_sum):
+            raise Divergence(f"non-finite training loss on device {self.ctx.rank}; {kept}; "
+                             "lower optim.lr")
+
+    def running_loss(self) -> float | None:
+        s = self.sgd
+        return s.loss_sum / s.seen if s.seen else None
+
+    def before_stop(self, tick: int, stop: int) -> int:
+        return tick
+
+    def end_epoch(self, final: bool) -> None:
+        if self.world > 1:
+            average_parameters(self.model, self.world)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def evaluate(self) -> tuple[float, float]:
+        if not self.reports:  # the devices hold the same weights after the epoch's average
+            return float("nan"), float("nan")
+        totals = Totals()
+        with torch.no_grad():
+            self.model.eval()
+            for x, y in test_batches(self.data, self.cfg.trainer.eval_batch_size):
+                totals.add(self.model(x), y)
+            self.model.train()
+        return totals.result()
+
+    def train_sums(self) -> torch.Tensor | None:
+        s = self.sgd
+        sums = torch.tensor([s.loss_sum, s.correct, s.seen], dtype=torch.float64)
+        s.loss_sum, s.correct, s.seen = 0.0, 0, 0
+        if self.world > 1:
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+        return sums.cpu()
+
+    def stats(self) -> list[dict[str, Any]] | None:
         return None
-    stale = sgd.meter.summary()
-    return finish_run(cfg, run_dir, log, state, ctx, device, num_parameters, [len(model)],
-                      num_batches, {
-                          "modules": 1,
-                          "peak_memory_bytes": [torch.cuda.max_memory_allocated(device)
-                                                if device.type == "cuda" else None],
-                          "memory_measure": "cuda_allocator" if device.type == "cuda"
-                          else "none",
-                          "updates": [sgd.steps],
-                          "staleness": stale,
-                          "staleness_mean": sum(s["mean"] for s in stale.values()) / len(stale),
-                          "staleness_max": max(s["max"] for s in stale.values()),
-                      })
+
+    def save(self, directory: Path, state) -> None:
+        s = self.sgd
+        meter = s.meter
+        checkpoint.save_part(directory, 0, self.ctx.rank, {
+            "stage": 0, "replica": self.ctx.rank, "modules": 1, "algo": self.cfg.algo.name,
+            "model": self.cfg.model, "epoch": state.epoch, "tick": state.tick,
+            "module": self.model.state_dict(),
+            "momentum": {n: b.detach().clone() for n, b in s.buf.items()},
+            "steps": s.steps, "loss_sum": s.loss_sum, "correct": s.correct, "seen": s.seen,
+            "staleness": {"version": dict(meter.version), "total": dict(meter.total),
+                          "max": dict(meter.max), "count": dict(meter.count)},
+        })
+
+    def sync(self) -> None:
+        if self.ctx.distributed:
+            dist.barrier()
+
+    def drain(self, tick: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
+        stale = self.sgd.meter.summary()
+        cuda = self.device.type == "cuda"
+        return {
+            "modules": 1,
+            "peak_memory_bytes": [torch.cuda.max_memory_allocated(self.device) if cuda
+                                  else None],
+            "memory_measure": "cuda_allocator" if cuda else "none",
+            "updates": [self.sgd.steps],
+            "staleness": stale,
+            "staleness_mean": sum(s["mean"] for s in stale.values()) / len(stale),
+            "staleness_max": max(s["max"] for s in stale.values()),
+        }

@@ -28,9 +28,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from dpbp import algos as registry
 
 CEILING = "ceiling"  # the pseudo-algo of W independent BP processes
 
@@ -55,19 +57,16 @@ class Case:
 def plan(algos: list[str], gpus: list[int], ceiling: bool) -> list[Case]:
     """The cases to measure, in a fixed order: BP on one worker first (every speedup's base).
 
-    Algorithms that need more than one worker skip W = 1 (ddg/fr/fdg on one module are BP);
-    dp_fdg runs 2-module pipelines and needs an even W >= 4; gpipe needs W >= 2."""
-    cases = [Case("bp", 1)]
+    An algorithm's record says how it uses W workers (`layout`): ddg/fr/fdg on one module would
+    be BP and skip W = 1; dp_fdg runs 2-module pipelines and needs an even W >= 4."""
+    ref = registry.reference().name
+    cases = [Case(ref, 1)]
     for w in sorted(set(gpus)):
         for a in algos:
-            if a == "bp" and w == 1:
+            layout = registry.get(a).layout(w)
+            if (a == ref and w == 1) or layout is None or w < registry.get(a).min_workers:
                 continue
-            if a in ("ddg", "fr", "fdg", "gpipe", "ddp") and w < 2:
-                continue
-            if a == "dp_fdg" and (w < 4 or w % 2):
-                continue
-            replicas = {"ddp": w, "pdasgd": w, "hogwild": w, "dp_fdg": w // 2}.get(a, 1)
-            cases.append(Case(a, w, replicas))
+            cases.append(Case(a, w, layout[1]))
         if ceiling and w > 1:
             cases.append(Case(CEILING, w, w))
     return cases
@@ -126,7 +125,7 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
                if (m.algo, m.workers) == (c.algo, c.workers) and m.status == "completed"]
         return statistics.median(ips) if ips else None
 
-    base = median_ips(Case("bp", 1))
+    base = median_ips(Case(registry.reference().name, 1))
     ceiling = {c.workers: median_ips(c) for c in cases if c.algo == CEILING}
     out = []
     for c in cases:
@@ -159,16 +158,16 @@ def train_overrides(cfg: dict[str, Any], case: Case) -> list[str]:
     if data["name"] == "synthetic":  # real datasets keep their size: an epoch is all of it
         data["train_size"] = steps * batch * case.replicas
         data["test_size"] = batch
-    algo = "bp" if case.algo == CEILING else case.algo
+    algo = registry.reference().name if case.algo == CEILING else case.algo
     gpus = 1 if case.algo == CEILING else case.workers
     out = [f"algo={algo}", f"gpus={gpus}", f"model={cfg['model']['name']}",
            f"data={data['name']}", f"device={cfg['device']}", f"seed={cfg['seed']}",
            f"trainer.batch_size={batch}", f"trainer.epochs={cfg['epochs']}",
            f"trainer.threads={cfg['threads']}", "trainer.checkpoint=false",
-           "trainer.progress=false", f"trainer.log_every={steps}", "sched=constant"]
-    if case.algo == "dp_fdg":
+           "trainer.progress=false", f"trainer.check_every={steps}", "sched=constant"]
+    if registry.get(algo).replicas == "option":
         out.append(f"algo.replicas={case.replicas}")
-    if case.algo == "gpipe":
+    if "microbatches" in {f.name for f in fields(registry.get(algo).options)}:
         out.append(f"algo.microbatches={cfg['microbatches']}")
     out += [f"data.{k}={json.dumps(v)}" for k, v in data.items() if k != "name"]
     return out + list(cfg["train"])
@@ -308,7 +307,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for algo in dict.fromkeys(r["algo"] for r in result["rows"]):
         pts = [(r["workers"], r["speedup"]) for r in result["rows"]
                if r["algo"] == algo and r["speedup"] is not None]
-        if algo != "bp" and algo != CEILING:
+        if algo != registry.reference().name and algo != CEILING:
             pts = [(1, 1.0), *pts] if pts and pts[0][0] > 1 else pts
         if not pts:
             continue

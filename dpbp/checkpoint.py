@@ -1,4 +1,8 @@
-"""Checkpoints: every process writes its own stages, then one file commits them; exact resume.
+"""Checkpoints: every process writes its own parts, then one file commits them; resume.
+
+The files and their consistency are this module's; what a part holds is its family runner's
+(tick.py: a stage with its batches in flight; asgd.py: a device's shared model and momentum;
+pipelining.py: a stage's module and optimizer). The tick family's parts, in detail:
 
 Where: at every epoch end, and at the tick where a SIGINT/SIGTERM stops the run (train.py). Ticks
 are global across epochs and the pipeline is not flushed, so a checkpoint of a decoupled run
@@ -32,9 +36,11 @@ a file of the tick `run.pt` names: loading picks it (checking the tick recorded 
 file), so a resume never mixes checkpoints of different ticks. Files are loaded with
 `weights_only=True`; a truncated, foreign or damaged file is refused with one sentence.
 
-Not resumable: pdasgd/hogwild (thread timing decides their numbers; refused in config.validate).
-A checkpoint that ends a finished decoupled run (the last epoch drains the pipeline and drops the
-late gradients) cannot be extended to more epochs exactly, and is refused for that.
+Every algorithm resumes; what a resume guarantees is its record's `resume` (exact for the tick
+and pipelining families; for pdasgd/hogwild the weights, momentum and batch position, after which
+thread timing decides the numbers as it does in any run of theirs). A checkpoint that ends a
+finished decoupled run (the last epoch drains the pipeline and drops the late gradients) cannot
+be extended to more epochs exactly, and is refused for that.
 """
 
 from __future__ import annotations
@@ -47,11 +53,11 @@ from typing import Any
 
 import torch
 
+from dpbp import algos
 from dpbp.config import flatten
 from dpbp.errors import CheckpointError, ConfigError
-from dpbp.stage import compact
 
-FORMAT = "dpbp-checkpoint-2"
+FORMAT = "dpbp-checkpoint-3"
 # settings a resumed run must share with its checkpoint, or it trains other numbers than the run it
 # continues; the rest (epochs, max_steps, logging, device, executor, dist, data.root) may change
 SAME_SETTINGS = ("seed", "model", "algo.", "data.", "optim.", "sched.", "trainer.batch_size")
@@ -91,35 +97,19 @@ def _write_error(path: Path, e: OSError, directory: Path) -> CheckpointError:
                            "free space (or fix the directory) and resume.")
 
 
-def save_stages(directory: Path, stages, messages: dict[int, list[Message]], state, cfg,
-                replica: int = 0) -> None:
-    """Write this process's stages at `state.tick`, keeping each previous file as *.prev.pt
-    until `commit` names the new tick. `messages[k]`: what stage k has in flight."""
+def save_part(directory: Path, stage: int, replica: int, part: dict[str, Any]) -> None:
+    """Write one stage's part of the checkpoint (what its family runner saves; it must hold
+    "tick"), keeping the previous file as *.prev.pt until `commit` names the new tick."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _write_error(directory, e, directory) from None
-    for s in stages:
-        path = stage_file(directory, s.index, replica)
-        obj = {
-            "format": FORMAT,
-            "stage": s.index,
-            "replica": replica,
-            "modules": s.num_stages,
-            "algo": cfg.algo.name,
-            "model": cfg.model,
-            "epoch": state.epoch,
-            "tick": state.tick,
-            "module": s.module.state_dict(),
-            "optimizer": s.optimizer.state_dict(),
-            "updates": s.stats.updates,
-            "inflight": s.inflight(),
-            "messages": [[kind, b, compact(t)] for kind, b, t in messages.get(s.index, [])],
-        }
-        try:
-            _atomic_save(obj, path, keep=stage_file(directory, s.index, replica, prev=True))
-        except OSError as e:
-            raise _write_error(path, e, directory) from None
+    path = stage_file(directory, stage, replica)
+    try:
+        _atomic_save({"format": FORMAT, **part}, path,
+                     keep=stage_file(directory, stage, replica, prev=True))
+    except OSError as e:
+        raise _write_error(path, e, directory) from None
 
 
 def commit(directory: Path, state, cfg) -> None:
@@ -167,8 +157,8 @@ def check_resume(cfg, run_dir: Path) -> dict[str, Any]:
 def check_extend(run: dict[str, Any], total_epochs: int, cfg) -> None:
     """Refuse to train a finished decoupled run for more epochs: its last epoch drained the
     pipeline and dropped the late gradients, which a longer run would have applied."""
-    if run.get("drained") and run["epoch"] < total_epochs and cfg.algo.name != "bp" \
-            and cfg.modules > 1:
+    if run.get("drained") and run["epoch"] < total_epochs and cfg.modules > 1 \
+            and any(algos.get(cfg.algo.name).delays(cfg.modules)):
         raise ConfigError(
             f"the checkpoint is the end of a finished {run['epoch']}-epoch algo={cfg.algo.name} "
             "run (its pipeline was drained), so more epochs would not equal a longer run; start "
@@ -215,35 +205,18 @@ def _stage_checkpoint(directory: Path, stage: int, replica: int, tick: int) -> d
     return ck
 
 
-def load(directory: Path, stages, cfg, replica: int = 0,
-         device: torch.device | str = "cpu") -> tuple[Any, dict[int, list[Message]]]:
-    """Restore this process's stages in place (weights, optimizer, in-flight batches); return
-    the run state and, per stage, the messages to send again before the first tick."""
-    from dpbp.train import RunState
-
+def load_run(directory: Path, cfg) -> dict[str, Any]:
+    """The run state that run.pt commits (its settings checked against this run's)."""
     run = _load(directory / "run.pt")
     run.pop("format")
     _check_same_settings(run, cfg, directory)
     run.pop("config", None)
-    messages: dict[int, list[Message]] = {}
-    for s in stages:
-        ck = _stage_checkpoint(directory, s.index, replica, run["tick"])
-        path = stage_file(directory, s.index, replica)
-        if (ck["modules"], ck["algo"], ck["model"]) != (s.num_stages, cfg.algo.name, cfg.model):
-            raise ConfigError(
-                f"checkpoint in {directory} is for algo={ck['algo']} model={ck['model']} with "
-                f"{ck['modules']} modules, not this run's; resume with the same settings.")
-        try:
-            s.module.load_state_dict(ck["module"])
-            s.optimizer.load_state_dict(ck["optimizer"])
-            s.restore_inflight(ck["inflight"], torch.device(device))
-        except (RuntimeError, ValueError, KeyError) as e:  # other split.balance or data channels
-            raise ConfigError(
-                f"{path} does not fit module {s.index + 1} of this run ({_first_line(e)}); resume "
-                "with the same split.balance and data.") from None
-        s.stats.updates = ck["updates"]
-        messages[s.index] = [(kind, int(b), t.to(device)) for kind, b, t in ck["messages"]]
-    return RunState(**run), messages
+    return run
+
+
+def load_part(directory: Path, stage: int, replica: int, tick: int) -> dict[str, Any]:
+    """One stage's part of the checkpoint at `tick` (see `_stage_checkpoint`)."""
+    return _stage_checkpoint(directory, stage, replica, tick)
 
 
 def _check_same_settings(run: dict[str, Any], cfg, directory: Path) -> None:
@@ -259,7 +232,7 @@ def _check_same_settings(run: dict[str, Any], cfg, directory: Path) -> None:
                 f"run has {key}={now.get(key)}; resume with the same setting.")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of an exception's message (load_state_dict lists every key)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -168,15 +168,15 @@ def bench_app(cfg: DictConfig) -> None:
     global _job_failed
     from rich.console import Console
 
+    from dpbp import algos
     from dpbp.bench import run_bench, table
-    from dpbp.config import ALGOS
 
     out = Path(HydraConfig.get().runtime.output_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    bad = [a for a in plain["algos"] if a not in ALGOS]
+    bad = [a for a in plain["algos"] if a not in algos.names()]
     if bad or not plain["algos"]:
         print(f"dpbp: unknown algo {bad[0] if bad else '(none given)'} in algos; choose from "
-              f"{', '.join(ALGOS)}.", file=sys.stderr)
+              f"{', '.join(algos.names())}.", file=sys.stderr)
         sys.exit(2)
     if any(not isinstance(w, int) or w < 1 for w in plain["gpus"]) or plain["epochs"] < 2 \
             or min(plain["repeats"], plain["steps_per_epoch"], plain["batch_size"]) < 1:
@@ -196,12 +196,13 @@ def bench_app(cfg: DictConfig) -> None:
 
 def print_schedule(args: list[str]) -> int:
     """`dpbp schedule ALGO K [BATCHES]`: the module x tick table of an algorithm's schedule."""
-    from dpbp.config import ALGOS
+    from dpbp import algos
     from dpbp.schedule import format_table
 
-    if len(args) not in (2, 3) or args[0] not in ALGOS or not all(a.isdigit() for a in args[1:]) \
+    names = [n for n in algos.names() if algos.get(n).family == "tick"]
+    if len(args) not in (2, 3) or args[0] not in names or not all(a.isdigit() for a in args[1:]) \
             or int(args[1]) < 1:
-        print(f"dpbp: usage: dpbp schedule ALGO K [BATCHES] with ALGO one of {', '.join(ALGOS)}"
+        print(f"dpbp: usage: dpbp schedule ALGO K [BATCHES] with ALGO one of {', '.join(names)}"
               " and K >= 1, e.g. dpbp schedule fdg 3.", file=sys.stderr)
         return 2
     algo, k = args[0], int(args[1])

@@ -1,5 +1,11 @@
 """Plain dataclasses for a run, built from the resolved Hydra config, and their validation.
 
+One source of defaults: the YAML files under conf/ (what `dpbp train --help` and `--cfg job`
+show). These dataclasses declare the keys and their types only, so a key missing from the
+composed config is an error, not a silently different value. The `algo` section is the chosen
+algorithm's own options dataclass (algorithm.py), so a run's config holds the keys that apply to
+it and nothing else.
+
 Hydra composes YAML; everything past the CLI sees only these dataclasses (no global state). Every
 check that can fail on bad input lives in `validate`, so errors surface before any worker starts.
 """
@@ -7,93 +13,81 @@ check that can fail on bad input lives in `validate`, so errors surface before a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from dpbp import algos
+from dpbp.algorithm import AlgoConfig
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
-
-ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "gpipe", "pdasgd", "hogwild")
-ASYNC = ("pdasgd", "hogwild")  # one whole model per device, threads inside (asgd.py)
-
-
-@dataclass
-class AlgoConfig:
-    name: str = "bp"
-    weights: str = "stash"  # ddg/fdg: stash | live (which weights a delayed gradient is taken at)
-    beta: float = 1.0  # fdg: gradient shrinking per module boundary
-    replicas: int = 1  # data-parallel replicas (dp_fdg); 1 everywhere else
-    scale_lr: bool = False  # dp_fdg: multiply optim.lr by replicas (the linear scaling rule)
-    forward_threads: int = 1  # pdasgd/hogwild: threads per device
-    backward_threads: int = 2
-    average_every: int = 10  # pdasgd/hogwild, gpus > 1: local steps between parameter averages
-    microbatches: int = 4  # gpipe: microbatches per batch
-    pipeline: str = "gpipe"  # gpipe: gpipe | 1f1b (torch.distributed.pipelining's schedules)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    name: str  # sgd
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
 
 
 @dataclass
 class SchedConfig:
-    name: str = "multistep"  # multistep | cosine | constant
-    milestones: list[int] = field(default_factory=lambda: [150, 225, 275])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    name: str  # multistep | cosine | constant
+    warmup_epochs: int
+    milestones: list[int] | None = None  # multistep: epochs; None: at `milestones_at`
+    milestones_at: list[float] | None = None  # multistep: fractions of trainer.epochs
+    gamma: float | None = None  # multistep: lr factor at each milestone
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    max_steps: int | None = None
-    eval_batch_size: int = 500
-    threads: int | None = 1
-    amp: bool = False
-    channels_last: bool = False
-    checkpoint: bool = True
-    log_every: int = 10
-    progress: bool = True
-    on_nonfinite: str = "stop"  # stop: end the run naming tick/module/batch | skip: skip the step
+    epochs: int
+    batch_size: int
+    max_steps: int | None
+    eval_batch_size: int
+    threads: int | None
+    amp: bool
+    channels_last: bool
+    checkpoint: bool
+    check_every: int  # ticks between checks: progress, stop requests, non-finite values
+    skip_limit: int  # on_nonfinite=skip: stop after this many skipped steps in a row
+    progress: bool
+    on_nonfinite: str  # stop: end the run naming tick/module/batch | skip: skip the step
 
 
 @dataclass
 class SplitConfig:
-    balance: list[int] | None = None
-    by: str = "flops"  # flops | time
+    balance: list[int] | None
+    by: str  # flops | time
 
 
 @dataclass
 class DistConfig:
-    timeout_s: float = 60.0
-    backend: str = "auto"
+    timeout_s: float
+    backend: str  # auto | gloo | nccl
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs, as plain values."""
 
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    model: str = "resnet20"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    gpus: int = 1
-    device: str = "auto"
-    executor: str = "dist"
-    seed: int = 0
-    resume: bool | str = False
+    algo: AlgoConfig
+    model: str
+    data: DataConfig
+    optim: OptimConfig
+    sched: SchedConfig
+    trainer: TrainerConfig
+    split: SplitConfig
+    dist: DistConfig
+    gpus: int
+    device: str
+    executor: str
+    seed: int
+    resume: bool | str
 
     @property
     def modules(self) -> int:
@@ -102,7 +96,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["data"]["shape"] = list(d["data"]["shape"])
+        d["data"] = self.data.applicable()
+        d["sched"] = {k: v for k, v in d["sched"].items() if v is not None}
         return d
 
 
@@ -130,17 +125,38 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {where}.{close[0]}?)" if close and where != "config" else \
+        (f" (did you mean {close[0]}?)" if close else "")
+    name = key if where == "config" else f"{where}.{key}"
+    return ConfigError(f"unknown setting {name}{hint}; valid keys of {where} are "
+                       f"{', '.join(sorted(valid))}.")
+
+
+def _check_known(cls: type, values: dict[str, Any], where: str) -> None:
+    """Name the first key of `values` that `cls` does not have (a misspelled setting)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise _unknown_key(where, unknown[0], fields)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a dict; name an unknown key or a wrong type in one sentence.
+    """Instantiate dataclass `cls` from a dict; name an unknown, missing or mistyped key in one
+    sentence.
 
     Types are checked here because Hydra passes `trainer.epochs=abc` through as a string, which
     would otherwise fail deep inside the run with a TypeError and a traceback.
     """
+    _check_known(cls, values, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown setting {where}.{unknown[0]}; valid keys of {where} are "
-                          f"{', '.join(sorted(fields))}.")
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and n not in values]
+    if required:
+        key = required[0] if where == "config" else f"{where}.{required[0]}"
+        raise ConfigError(f"the config has no {key}; set it (e.g. {key}=...) or restore the "
+                          "YAML file that defines it.")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         if not _fits(value, hints[name]):
@@ -154,7 +170,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from the resolved config dict (Hydra's, minus the `hydra` node)."""
     d = dict(d)
     d.pop("hydra", None)
-    model = d.pop("model", "resnet20")
+    model = d.pop("model", None)
     if isinstance(model, dict):  # Hydra's model group: {name: ...}; other keys would be ignored
         if set(model) != {"name"}:
             raise ConfigError(f"model takes only model.name; got the keys {sorted(model)}.")
@@ -162,65 +178,46 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     data = dict(d.pop("data", {}))
     if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check
         data["shape"] = tuple(data["shape"])
+    algo = dict(d.pop("algo", {}))
+    sections = {"data": (DataConfig, data), "optim": (OptimConfig, d.pop("optim", {})),
+                "sched": (SchedConfig, d.pop("sched", {})),
+                "trainer": (TrainerConfig, d.pop("trainer", {})),
+                "split": (SplitConfig, d.pop("split", {})), "dist": (DistConfig, d.pop("dist", {}))}
+    # a misspelled key first: it explains a missing one (trainer.epoch for trainer.epochs)
+    _check_known(RunConfig, {**d, **dict.fromkeys(sections), "algo": 0, "model": 0}, "config")
+    if "name" in algo:
+        _check_known(algos.get(str(algo["name"])).options, algo, "algo")
+    for where, (cls, values) in sections.items():
+        _check_known(cls, dict(values), where)
+    record = algos.get(str(algo.get("name", "")))
     nested = {
-        "algo": _build(AlgoConfig, dict(d.pop("algo", {})), "algo"),
-        "data": _build(DataConfig, data, "data"),
-        "optim": _build(OptimConfig, dict(d.pop("optim", {})), "optim"),
-        "sched": _build(SchedConfig, dict(d.pop("sched", {})), "sched"),
-        "trainer": _build(TrainerConfig, dict(d.pop("trainer", {})), "trainer"),
-        "split": _build(SplitConfig, dict(d.pop("split", {})), "split"),
-        "dist": _build(DistConfig, dict(d.pop("dist", {})), "dist"),
+        "algo": _build(record.options, algo, "algo"),
+        **{where: _build(cls, dict(values), where) for where, (cls, values) in sections.items()},
     }
     return _build(RunConfig, {**d, **nested, "model": model}, "config")
 
 
-def _check_gpipe(cfg: RunConfig) -> None:
+def _check_algorithm(cfg: RunConfig) -> None:
+    """What the algorithm's record asks of the run: workers, replicas, executor, its keys."""
     a = cfg.algo
-    if a.pipeline not in ("gpipe", "1f1b"):
-        raise ConfigError(f"algo.pipeline must be gpipe or 1f1b, not '{a.pipeline}'.")
-    if cfg.gpus < 2 or cfg.executor == "local":
-        raise ConfigError("algo=gpipe runs one pipeline stage per process: use gpus >= 2 with "
-                          "executor=dist (algo=bp is the one-device equivalent).")
-    if a.microbatches < 1 or cfg.trainer.batch_size % a.microbatches:
-        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by "
-                          f"algo.microbatches={a.microbatches}; change one of them.")
-    if cfg.resume:
-        raise ConfigError("algo=gpipe writes no checkpoints to resume from; start anew.")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Raise ConfigError, with one sentence that says what to change, for any bad setting."""
-    a, t, o = cfg.algo, cfg.trainer, cfg.optim
-    if a.name not in ALGOS:
-        raise ConfigError(f"unknown algo '{a.name}'; choose one of {', '.join(ALGOS)}.")
-    if a.weights not in ("stash", "live"):
-        raise ConfigError(f"algo.weights must be stash or live, not '{a.weights}'.")
-    if not 0.0 < a.beta <= 1.0:
-        raise ConfigError(f"algo.beta={a.beta} is outside (0, 1]; beta=1 turns shrinking off.")
-    if cfg.gpus < 1:
-        raise ConfigError(f"gpus={cfg.gpus}: need at least one worker "
-                          "(gpus=1 trains on one device).")
-    if a.replicas < 1 or cfg.gpus % a.replicas:
-        raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
-    if a.name in ("ddp", *ASYNC) and a.replicas != cfg.gpus:
+    rec = algos.get(a.name)
+    if rec.replicas == "workers" and a.replicas != cfg.gpus:
         raise ConfigError(f"algo={a.name} trains one model on each of gpus={cfg.gpus} workers; "
                           "leave algo.replicas unset (it follows gpus).")
-    if min(a.forward_threads, a.backward_threads, a.average_every) < 1:
-        raise ConfigError("algo.forward_threads, algo.backward_threads and algo.average_every "
-                          "must be at least 1.")
-    if a.name in ASYNC and cfg.resume:
-        raise ConfigError(f"algo={a.name} writes no checkpoints to resume from yet; start anew.")
-    if a.name == "gpipe":
-        _check_gpipe(cfg)
-    if a.replicas > 1 and a.name not in ("dp_fdg", "ddp", *ASYNC):
-        raise ConfigError(f"algo={a.name} has one pipeline; use algo=dp_fdg for "
-                          f"algo.replicas={a.replicas} data-parallel replicas of FDG.")
-    if a.replicas > 1 and cfg.executor == "local":
-        raise ConfigError(f"algo={a.name} runs its replicas as processes: use executor=dist.")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
-    if cfg.executor not in ("dist", "local"):
-        raise ConfigError(f"executor must be dist or local, not '{cfg.executor}'.")
+    if rec.replicas == "one" and a.replicas != 1:
+        takes = " or ".join(f"algo={n}" for n in algos.names()
+                            if algos.get(n).replicas == "option")
+        raise ConfigError(f"algo={a.name} has one pipeline; use {takes} for "
+                          f"algo.replicas={a.replicas} data-parallel replicas.")
+    if cfg.gpus < rec.min_workers or (not rec.local and cfg.executor == "local"):
+        raise ConfigError(f"algo={a.name} runs one pipeline stage per process: use gpus >= "
+                          f"{rec.min_workers} with executor=dist ({algos.reference().name} is "
+                          "the one-device equivalent).")
+    a.check(cfg)
+
+
+def _check_trainer(cfg: RunConfig) -> None:
+    t, o, s = cfg.trainer, cfg.optim, cfg.sched
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs}: train for at least one epoch.")
     if t.batch_size < 1 or t.eval_batch_size < 1:
@@ -229,18 +226,43 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"trainer.max_steps={t.max_steps}: use null for no cap, or at least 1.")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"trainer.threads={t.threads}: use null for torch's default or >= 1.")
-    if t.log_every < 1:
-        raise ConfigError("trainer.log_every must be at least 1.")
+    if t.check_every < 1 or t.skip_limit < 1:
+        raise ConfigError("trainer.check_every and trainer.skip_limit must be at least 1.")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.on_nonfinite must be stop or skip, not '{t.on_nonfinite}'.")
     if o.name != "sgd":
         raise ConfigError(f"unknown optimizer '{o.name}'; dpbp's algorithms use optim=sgd.")
     if o.lr <= 0 or o.momentum < 0 or o.weight_decay < 0:
         raise ConfigError("optim.lr must be positive and optim.momentum, optim.weight_decay >= 0.")
-    if cfg.sched.name not in ("multistep", "cosine", "constant"):
-        raise ConfigError(f"unknown sched '{cfg.sched.name}'; use multistep, cosine or constant.")
-    if cfg.sched.warmup_epochs < 0:
+    if s.name not in ("multistep", "cosine", "constant"):
+        raise ConfigError(f"unknown sched '{s.name}'; use multistep, cosine or constant.")
+    if s.warmup_epochs < 0:
         raise ConfigError("sched.warmup_epochs must be >= 0.")
+    if s.name == "multistep" and (s.gamma is None or (s.milestones is None
+                                                      and s.milestones_at is None)):
+        raise ConfigError("sched=multistep needs sched.gamma and sched.milestones (epochs) or "
+                          "sched.milestones_at (fractions of trainer.epochs).")
+    if s.milestones is None and s.milestones_at and not all(0 < f < 1 for f in s.milestones_at):
+        raise ConfigError(f"sched.milestones_at={s.milestones_at}: give fractions of "
+                          "trainer.epochs between 0 and 1.")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError, with one sentence that says what to change, for any bad setting."""
+    a = cfg.algo
+    if cfg.gpus < 1:
+        raise ConfigError(f"gpus={cfg.gpus}: need at least one worker "
+                          "(gpus=1 trains on one device).")
+    if a.replicas < 1 or cfg.gpus % a.replicas:
+        raise ConfigError(f"gpus={cfg.gpus} is not divisible by algo.replicas={a.replicas}.")
+    if a.replicas > 1 and cfg.executor == "local":
+        raise ConfigError(f"algo={a.name} runs its replicas as processes: use executor=dist.")
+    _check_algorithm(cfg)
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not '{cfg.device}'.")
+    if cfg.executor not in ("dist", "local"):
+        raise ConfigError(f"executor must be dist or local, not '{cfg.executor}'.")
+    _check_trainer(cfg)
     if cfg.split.by not in ("flops", "time"):
         raise ConfigError(f"split.by must be flops or time, not '{cfg.split.by}'.")
     if cfg.split.balance is not None and len(cfg.split.balance) != cfg.modules:

@@ -42,6 +42,19 @@ class DataConfig:
     train_size: int = 50000  # synthetic only
     test_size: int = 10000  # synthetic only
 
+    def applicable(self) -> dict[str, Any]:
+        """The keys that apply to this dataset (a run's summary shows only these)."""
+        own = {"digits": {"split_seed"}, "cifar10": {"root", "download"},
+               "cifar100": {"root", "download"},
+               "synthetic": {"shape", "num_classes", "train_size", "test_size"}}
+        specific = set().union(*own.values())
+        keep = own.get(self.name, specific)
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__
+             if f not in specific or f in keep}
+        if "shape" in d:
+            d["shape"] = list(d["shape"])
+        return d
+
 
 @dataclass
 class Dataset:

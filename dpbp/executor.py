@@ -45,7 +45,7 @@ class Transport(Protocol):
     def recv(self, kind: str, batch: int) -> torch.Tensor | None: ...
 
 
-class Feed(Protocol):
+class BatchSource(Protocol):
     """The data ends of the pipeline: inputs for the first stage, labels for the last."""
 
     def inputs(self, batch: int) -> torch.Tensor: ...
@@ -54,7 +54,7 @@ class Feed(Protocol):
 
 
 def run_program(
-    stage: Stage, program: Sequence[Instr], io: Transport, feed: Feed
+    stage: Stage, program: Sequence[Instr], io: Transport, feed: BatchSource
 ) -> Generator[None, None, None]:
     """Execute `program` on `stage`; yields whenever a needed message is not there yet."""
     acts: dict[int, torch.Tensor] = {}  # received inputs
@@ -119,7 +119,7 @@ class _MailboxEnd:
 class LocalExecutor:
     """All stages in one process; ticks in order; deterministic."""
 
-    def __init__(self, stages: Sequence[Stage], feed: Feed) -> None:
+    def __init__(self, stages: Sequence[Stage], feed: BatchSource) -> None:
         self.stages = stages
         self.feed = feed
         self.mailbox = Mailbox()

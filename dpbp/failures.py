@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from dpbp.p2p import PeerTimeout
+
 RECORDS = ".workers"
 PEER_LOST_GRACE_S = 2.0  # how long a worker that lost a peer waits for the agent to stop it
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
@@ -90,8 +92,6 @@ def read(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 def is_peer_lost(e: BaseException) -> bool:
     """Whether an exception only says that another process went away or stopped answering."""
-    from dpbp.dist import PeerTimeout
-
     if isinstance(e, (PeerTimeout, getattr(torch.distributed, "DistError", ()))):
         return True
     text = str(e).lower()

@@ -1,29 +1,30 @@
 """The process grid of a run and what each process executes on it.
 
 Ranks form a replicas x modules grid, replica-major: rank = replica * K + module. Each replica is
-one pipeline (its own P2P groups per boundary, dist.py); module k of every replica forms a
-data-parallel group (dp_fdg averages gradients over it with `GradSync`; ddp hands it to torch's
-DistributedDataParallel). `Executor` runs ranges of ticks on this process's stages: all of them
-in one process (executor=local) or one stage per process over P2P (dist).
+one pipeline (its own P2P groups per boundary, p2p.py); module k of every replica forms a
+data-parallel group (an algorithm whose record says data_parallel="gradients", dp_fdg, averages
+gradients over it with `GradSync`; "torch_ddp" hands it to torch's DistributedDataParallel). `Grid`
+runs ranges of ticks on this process's stages: all of them in one process (executor=local) or
+one stage per process over P2P (executor=dist, p2p.py).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from dpbp import schedule
+from dpbp import algos, p2p, schedule
+from dpbp.build import WorkerContext
 from dpbp.config import RunConfig
-from dpbp.executor import LocalExecutor, Totals, run_program
+from dpbp.executor import LocalExecutor, Totals, in_flight, run_program
+from dpbp.feed import Feed
 from dpbp.stage import Stage
 
-if TYPE_CHECKING:
-    from dpbp.train import Feed, WorkerContext
 
-
-class Executor:
+class Grid:
     """Runs tick ranges on this process's stages: all of them (local) or one over P2P (dist)."""
 
     def __init__(self, cfg: RunConfig, ctx: WorkerContext, shapes: list[tuple[int, ...]],
@@ -35,10 +36,6 @@ class Executor:
         self.grad_sync = None
         self.control_group = None  # interrupt.Agreement's flags (gloo even under NCCL)
         if ctx.distributed:
-            import torch.distributed as dist
-
-            from dpbp import dist as p2p
-
             # group creation is collective: every rank creates every group, in the same order
             pipes = [p2p.make_groups([r * k + i for i in range(k)])
                      for r in range(cfg.algo.replicas)]
@@ -46,7 +43,7 @@ class Executor:
                              for i in range(k)]
             self.groups = pipes[replica]
             self.dp_group = data_parallel[ctx.rank % k]
-            if cfg.algo.replicas > 1 and cfg.algo.name == "dp_fdg":  # ddp: DDP averages
+            if cfg.algo.replicas > 1 and algos.get(cfg.algo.name).data_parallel == "gradients":
                 self.grad_sync = GradSync(self.dp_group, cfg.algo.replicas)
             self.control_group = dist.new_group(backend="gloo")
 
@@ -59,10 +56,6 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.ctx.distributed:
-            import torch.distributed as dist
-
-            from dpbp import dist as p2p
-
             gloo = dist.get_backend() == "gloo"  # NCCL enforces its timeout by itself
             self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
                                 self.cfg.trainer.batch_size, self.device, self.groups,
@@ -90,8 +83,6 @@ class Executor:
                   ) -> dict[int, list[tuple[str, int, torch.Tensor]]]:
         """Per own stage, the messages it sent before `tick` that are taken at `tick` or later
         (for a checkpoint between ticks `tick - 1` and `tick`)."""
-        from dpbp.executor import in_flight
-
         algo, k = self.cfg.algo.name, len(self.shapes)
         return {s.index: in_flight(self._link(s), schedule.carried(algo, s.index, k, tick,
                                                                    num_batches, end_tick))
@@ -158,8 +149,6 @@ class Executor:
             })
         if not self.ctx.distributed:
             return mine
-        import torch.distributed as dist
-
         last = len(self.shapes) - 1  # replica 0's last stage reports for the run
         everyone: list[Any] | None = [None] * self.ctx.world_size if self.ctx.rank == last else None
         dist.gather_object(mine, everyone, dst=last)
@@ -170,8 +159,6 @@ class Executor:
     def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over this module's data-parallel group (itself with one replica)."""
         if self.ctx.distributed and self.cfg.algo.replicas > 1:
-            import torch.distributed as dist
-
             dist.all_reduce(t, group=self.dp_group)
         return t
 
@@ -180,8 +167,6 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.ctx.distributed:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def finish(self) -> None:
@@ -203,7 +188,6 @@ class GradSync:
         self.group, self.replicas = group, replicas
 
     def __call__(self, grads: list[torch.Tensor]) -> None:
-        import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         flat = _flatten_dense_tensors(grads)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -36,26 +37,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from dpbp import failures
+from dpbp.build import WorkerContext, build_model, pick_device, resolve_balance
+from dpbp.checkpoint import check_extend, check_resume
 from dpbp.config import RunConfig, from_dict
+from dpbp.data import load_dataset
 from dpbp.errors import ConfigError, Interrupted
+from dpbp.feed import steps_per_epoch
 from dpbp.interrupt import STOP_FILE, StopRequest, install
+from dpbp.logs import RunLogger, write_summary
+from dpbp.models import describe_blocks
+from dpbp.train import train
 
 
 def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) -> list[int]:
     """Check devices, data, split, output directory and resume in this process; return the
     block counts per module."""
-    import math
-
-    from dpbp.checkpoint import check_extend, check_resume
-    from dpbp.data import load_dataset
-    from dpbp.models import describe_blocks
-    from dpbp.train import build_model, pick_device, resolve_balance, steps_per_epoch
-
     run = check_resume(cfg, run_dir) if cfg.resume and run_dir is not None else None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto.")
@@ -123,9 +127,6 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     if joined:
         return worker_main(cfg.to_dict(), str(run_dir), joined=True)
     if cfg.gpus == 1 or cfg.executor == "local":
-        from dpbp.logs import RunLogger
-        from dpbp.train import train
-
         stop = StopRequest()
         restore = install(stop)
         try:
@@ -137,12 +138,6 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     """Start the workers with torchelastic and wait for them; name the cause if one fails."""
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from dpbp.logs import write_summary
-
     failures.clear(run_dir)
     stop = StopRequest()
     # workers get dist.timeout_s to stop after a signal; then they are killed
@@ -261,11 +256,6 @@ def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
                 ) -> dict[str, Any] | None:
     """One worker: join the process group, train its stage, leave cleanly; on the way out
     record how it ended (failures.py)."""
-    import torch.distributed as dist
-
-    from dpbp.logs import RunLogger
-    from dpbp.train import WorkerContext, pick_device, train
-
     cfg = from_dict(cfg_dict)
     ctx = WorkerContext(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                         local_rank=int(os.environ.get("LOCAL_RANK", "0")), distributed=True)

@@ -96,8 +96,9 @@ class RunLogger:
                                        1e3 * m["compute_seconds"] / done, step, walltime=wall)
                 self.writer.add_scalar(f"module{k}/idle_ms_per_tick",
                                        1e3 * m["idle_seconds"] / done, step, walltime=wall)
-            self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"], step,
-                                   walltime=wall)
+            if m["peak_memory_bytes"] is not None:
+                self.writer.add_scalar(f"module{k}/peak_memory_bytes", m["peak_memory_bytes"],
+                                       step, walltime=wall)
 
     def finish(self, summary: dict[str, Any]) -> None:
         metrics = {f"hparam/{k}": summary[k] for k in
@@ -106,7 +107,7 @@ class RunLogger:
         # hparams take bool/int/float/str only: lists become strings, None "null"
         hp = {k: v if isinstance(v, (bool, int, float, str)) else ("null" if v is None else str(v))
               for k, v in flatten(summary["config"]).items()
-              if not k.startswith(("trainer.progress", "trainer.log_every"))}
+              if not k.startswith(("trainer.progress", "trainer.check_every"))}
         self.writer.add_hparams(hp, metrics, run_name=".")
         self.writer.close()
 

@@ -9,6 +9,8 @@ ResNet-1202's row is left out: the README labels it ambiguously ("WRN-28-10 19.4
 
 from __future__ import annotations
 
+from dpbp import algos
+
 # (data, model, K) -> {algo: accuracy %}; "fdg" is beta = 1, "fdg@<beta>" the paper's best beta
 _ERRORS: dict[tuple[str, str, int], dict[str, float]] = {
     ("cifar10", "resnet20", 2): {"bp": 7.78, "fdg": 7.92, "fdg@0.2": 7.23},
@@ -38,11 +40,13 @@ def paper_accuracy(data: str, model: str, algo: str, modules: int,
     """The paper's test accuracy (%) for this experiment, or None where the papers have none.
 
     BP is one module; its paper number is looked up under K = 2 (the papers' BP baseline)."""
-    entry = _ERRORS.get((data, model, 2 if algo == "bp" else modules))
+    if algo not in algos.names():  # a plug-in this installation does not have
+        return None
+    entry = _ERRORS.get((data, model, 2 if algos.get(algo).reference else modules))
     if entry is None:
         return None
-    if algo == "fdg" and beta is not None and beta != 1.0:
-        error = entry.get(f"fdg@{beta:g}")
+    if beta is not None and beta != 1.0:
+        error = entry.get(f"{algo}@{beta:g}")
     else:
         error = entry.get(algo)
     return None if error is None else round(100.0 - error, 2)

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpbp.simulate import Profile, bp_one_device, predict_speedup
+import torch
 
-SIMULATED = ("bp", "ddg", "fr", "fdg", "dp_fdg", "ddp", "gpipe")
+from dpbp import algos
+from dpbp.data import DataConfig, load_dataset, train_batch
+from dpbp.models import build_blocks
+from dpbp.profile import profile_blocks, profile_links
+from dpbp.simulate import Profile, bp_one_device, predict_speedup
+from dpbp.split import balanced_counts, block_flops
 
 
 def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
@@ -25,22 +30,16 @@ def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
 def measure(cfg: dict[str, Any]) -> tuple[dict[str, list[float]], Any]:
     """Per-block times (seconds) on the bench's device, and `counts_for(K)`: the block counts
     of the runs' split into K modules."""
-    import torch
-
-    from dpbp.config import from_dict
-    from dpbp.data import load_dataset, train_batch
-    from dpbp.profile import profile_blocks, profile_links
-    from dpbp.split import balanced_counts, block_flops
-    from dpbp.train import build_model, pick_device
-
     data = {**cfg["data"], "train_size": cfg["batch_size"], "test_size": cfg["batch_size"]}
-    rc = from_dict({"model": cfg["model"]["name"], "data": data, "device": cfg["device"],
-                    "seed": cfg["seed"]})
-    device = pick_device(rc)
+    if isinstance(data.get("shape"), list):
+        data["shape"] = tuple(data["shape"])
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     if device.type == "cpu" and cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    ds = load_dataset(rc.data, device, seed=rc.seed)
-    blocks = build_model(rc, ds)
+    ds = load_dataset(DataConfig(**data), device, seed=cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    blocks = build_blocks(cfg["model"]["name"], ds.in_channels, ds.num_classes)
     idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
     x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
     p = profile_blocks(blocks, x, y, repeats=5)
@@ -60,25 +59,25 @@ def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None
     `predict_gpus`; returns them and the per-block profile they come from."""
     prof, counts_for = measure(cfg)
     n = len(prof["forward"])
-    algos = [a for a in dict.fromkeys([r["algo"] for r in rows] + list(cfg["algos"]))
-             if a in SIMULATED]
+    names = [a for a in dict.fromkeys([r["algo"] for r in rows] + list(cfg["algos"]))
+             if a in algos.names() and algos.get(a).simulate is not None]
     workers = sorted({r["workers"] for r in rows} | set(cfg["predict_gpus"]))
     whole = module_profile(prof, [n])
     base = bp_one_device(whole)
     out = []
-    for algo in algos:
+    for algo in names:
+        rec = algos.get(algo)
         for w in workers:
-            if algo in ("ddg", "fr", "fdg", "gpipe", "ddp") and w < 2:
+            layout = rec.layout(w)
+            if layout is None or w < rec.min_workers:
                 continue
-            if algo == "dp_fdg" and (w < 4 or w % 2):
-                continue
-            if algo == "ddp":
+            if rec.simulate == "allreduce":
                 # the all-reduce of the whole model's gradients, as one bucket after the backward
                 p = Profile(whole.forward, whole.backward, whole.step,
                             allreduce=(sum(prof["allreduce"]),))
-                speedup = predict_speedup("ddp", p, replicas=w)
+                speedup = predict_speedup(algo, p, replicas=w)
             else:
-                k, replicas = (2, w // 2) if algo == "dp_fdg" else (w, 1)
+                k, replicas = layout
                 if k > n:
                     continue
                 p = module_profile(prof, counts_for(k))

@@ -21,12 +21,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dpbp import algos
 from dpbp.config import flatten
 from dpbp.errors import ConfigError
 from dpbp.paper import paper_accuracy
 
 # keys that do not change a run's numbers (local == dist is tested), or that the launcher derives
-IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.log_every",
+IGNORED = ("seed", "resume", "executor", "trainer.progress", "trainer.check_every",
            "trainer.checkpoint", "trainer.threads", "data.root", "data.download", "dist.",
            "split.balance")
 
@@ -82,10 +83,11 @@ def table(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (k[0], k[1], k[5], tuple(kv for kv in k[6] if not kv[0].startswith(("algo.",
                                                                                      "gpus"))))
 
+    ref = algos.reference().name
     bp = {baseline_key(k): _mean_std([s["final_test_acc"] for s in v])[0]
-          for k, v in groups.items() if k[2] == "bp" and k[3] == 1}
+          for k, v in groups.items() if k[2] == ref and k[3] == 1}
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[2] != "bp", k[2], k[3])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[2] != ref, k[2], k[3])):
         runs = groups[key]
         final = _mean_std([s["final_test_acc"] for s in runs])
         best = _mean_std([s["best_test_acc"] for s in runs])

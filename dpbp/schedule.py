@@ -11,7 +11,8 @@ Both executors run exactly these lists, so the delays are properties of this fil
 `format_table` prints them. Messages are named by (kind, batch): activations flow up
 (`>A`/`<A`), error gradients flow down (`>G`/`<G`).
 
-Delays (stage s = 0..K-1, the papers' module k = s+1):
+Delays (stage s = 0..K-1, the papers' module k = s+1; each algorithm's record in dpbp/algos/
+gives its delay and whether its forward is pipelined, and this file turns them into ticks):
 
 - bp:  every stage forwards and back-propagates batch t at tick t (backward waits for stage s+1
        inside the tick, so nothing runs concurrently unless K = 1).
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpbp import algos
+
 FORWARD, BACKWARD, STEP = "F", "B", "S"
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = ">A", "<A", ">G", "<G"
 
@@ -49,18 +52,13 @@ class Instr:
 
 
 def pipelined(algo: str) -> bool:
-    """Whether the forward is pipelined too (FDG, and FDG in each data-parallel replica)."""
-    return algo in ("fdg", "dp_fdg")
+    """Whether the forward is pipelined too (the record's `pipelined`: FDG, dp_fdg)."""
+    return algos.get(algo).pipelined
 
 
 def delay(algo: str, stage: int, num_stages: int) -> int:
-    """Ticks between the forward of a batch on `stage` and its backward there."""
-    later = num_stages - 1 - stage
-    if algo in ("ddg", "fr"):
-        return later
-    if pipelined(algo):
-        return 2 * later
-    return 0
+    """Ticks between the forward of a batch on `stage` and its backward there (the record's)."""
+    return algos.get(algo).delay(stage, num_stages)
 
 
 def forward_batch(algo: str, stage: int, tick: int) -> int:

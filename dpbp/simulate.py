@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
 
-from dpbp import schedule
+from dpbp import algos, schedule
 from dpbp.schedule import BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP
 
-TICK_ALGOS = ("bp", "ddg", "fr", "fdg", "dp_fdg")
-ALGOS = (*TICK_ALGOS, "ddp", "gpipe")
 PIPELINES = ("gpipe", "1f1b")
 RUN, SEND, RECV, SYNC = "run", "send", "recv", "sync"
 
@@ -225,7 +223,8 @@ def _tick_lanes(algo: str, p: Profile, num_batches: int, replica: int,
     end = schedule.num_ticks(algo, k, num_batches)
     lanes = []
     for s in range(k):
-        replay = p.forward[s] if algo == "fr" and s < k - 1 else 0.0  # stage.Stage.replay
+        # stage.Stage.replay: a stage that keeps inputs recomputes its forward before backward
+        replay = p.forward[s] if algos.get(algo).keeps == "input" and s < k - 1 else 0.0
         ops, steps = [], 0
         for ins in schedule.program(algo, s, k, range(end), num_batches, end):
             op, b, label = ins.op, ins.batch, str(ins)
@@ -332,23 +331,27 @@ def simulate(algo: str, profile: Profile, num_batches: int, replicas: int = 1,
 
     `microbatches` and `pipeline` ("gpipe" or "1f1b") apply to algo=gpipe; `overlap` to ddp
     (default: the all-reduce starts after the whole backward)."""
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algo '{algo}'; the simulator knows {', '.join(ALGOS)}.")
+    known = [a for a in algos.names() if algos.get(a).simulate is not None]
+    if algo not in known:
+        raise ValueError(f"unknown algo '{algo}'; the simulator knows {', '.join(known)}.")
     if num_batches < 1 or replicas < 1 or microbatches < 1:
         raise ValueError("num_batches, replicas and microbatches must be at least 1.")
-    if replicas > 1 and algo not in ("dp_fdg", "ddp"):
-        raise ValueError(f"algo={algo} has one pipeline; only dp_fdg and ddp take replicas.")
+    model = algos.get(algo).simulate
+    if replicas > 1 and algos.get(algo).replicas == "one":
+        takes = [a for a in known if algos.get(a).replicas != "one"]
+        raise ValueError(f"algo={algo} has one pipeline; only {' and '.join(takes)} take "
+                         "replicas.")
     lanes: list[list[Op]] = []
     names: list[str] = []
     for r in range(replicas):
-        if algo in TICK_ALGOS:
+        if model == "tick":
             lanes += _tick_lanes(algo, profile, num_batches, r, replicas)
-        elif algo == "gpipe":
+        elif model == "microbatches":
             lanes += _pipeline_lanes(profile, num_batches, microbatches, pipeline)
         else:
             lanes += _ddp_lanes(profile, num_batches, r, replicas, overlap)
         new = len(lanes) - len(names)
-        names += ([f"replica {r}", f"replica {r} network"][:new] if algo == "ddp"
+        names += ([f"replica {r}", f"replica {r} network"][:new] if model == "allreduce"
                   else [f"replica {r} stage {s}" for s in range(new)])
     t = execute(lanes, names)
     devices = [i for i, name in enumerate(names) if not name.endswith("network")]

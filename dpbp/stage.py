@@ -56,8 +56,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-from dpbp.schedule import delay as schedule_delay
-from dpbp.schedule import pipelined as schedule_pipelined
+from dpbp import algos
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -132,12 +131,13 @@ class Stage:
         self.num_stages = num_stages
         self.algo = algo
         self.optimizer = optimizer
-        self.delay = schedule_delay(algo, index, num_stages)
+        record = algos.get(algo)
+        self.delay = record.delay(index, num_stages)
         self.last = index == num_stages - 1
-        self.replay = algo == "fr" and self.delay > 0
+        self.replay = record.keeps == "input" and self.delay > 0
         self.stash = weights == "stash" and self.delay > 0
         self.live_alias = weights == "live" and self.delay > 0
-        self.beta = beta if schedule_pipelined(algo) and not self.last else 1.0
+        self.beta = beta if not self.last else 1.0
         self.grad_sync = grad_sync
         self.params = dict(module.named_parameters())
         self._param_storages = {p.untyped_storage().data_ptr() for p in self.params.values()}

@@ -93,18 +93,19 @@ def test_threads_finish_and_errors_surface(layerwise):
     assert threading.active_count() == before
 
 
+@pytest.mark.slow
 def test_two_devices_average_and_report_staleness(tmp_path):
     """gpus=2: two processes with threads, parameters averaged every 5 steps over gloo."""
-    from dpbp.config import RunConfig, validate
-    from dpbp.data import DataConfig
+    from conftest import make_cfg
+
     from dpbp.launch import launch
 
-    cfg = RunConfig(model="resnet20", data=DataConfig(name="digits"), gpus=2, device="cpu")
-    cfg.algo.name, cfg.algo.replicas, cfg.algo.average_every = "pdasgd", 2, 5
-    cfg.trainer.epochs, cfg.trainer.progress = 2, False
-    validate(cfg)
+    cfg = make_cfg("algo=pdasgd", "gpus=2", "algo.average_every=5", "trainer.epochs=4",
+                   "trainer.batch_size=128")
     s = launch(cfg, tmp_path)
     assert s["status"] == "completed" and (s["replicas"], s["modules"]) == (2, 1)
-    assert s["steps"] == 10 and s["updates"] == [10]  # 1437 // (128 x 2) = 5 per epoch
-    assert set(s["staleness"]) and s["staleness_max"] >= 0
-    assert 0.0 <= s["final_test_acc"] <= 1.0
+    assert s["steps"] == 20 and s["updates"] == [20]  # 1437 // (128 x 2) = 5 per epoch
+    # every parameter tensor is metered; 1 forward + 2 backward threads keep staleness small
+    assert len(s["staleness"]) > 10
+    assert 0 < s["staleness_max"] <= 4
+    assert s["final_test_acc"] > 0.3  # the averaged model learned (chance is 0.1)

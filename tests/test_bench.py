@@ -87,6 +87,7 @@ def test_runs_get_synthetic_data_sized_to_the_epoch():
     assert "algo=bp" in ceiling and "gpus=1" in ceiling
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path):
     """Real runs, tiny: every output file is written and every case measured."""
     out = tmp_path / "b"
@@ -106,6 +107,7 @@ def test_bench_end_to_end(tmp_path):
     assert result["machine"]["torch"] and len(result["profile"]["forward"]) > 1
 
 
+@pytest.mark.slow
 def test_bench_rejects_an_unknown_algo(tmp_path):
     r = run_cli("bench", "algos=[bp,nope]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and "unknown algo nope" in r.stderr

@@ -142,7 +142,7 @@ def test_resume_with_other_settings_is_refused(run_copy, overrides, words):
 
 
 def test_resume_may_change_what_does_not_change_the_numbers(run_copy, tmp_path):
-    cfg = make_cfg(*QUICK_RUN, "resume=true", "trainer.log_every=3", "trainer.eval_batch_size=7",
+    cfg = make_cfg(*QUICK_RUN, "resume=true", "trainer.check_every=3", "trainer.eval_batch_size=7",
                    "executor=local", f"+data.root={tmp_path}", "trainer.checkpoint=false")
     assert train(cfg, run_copy)["epochs"] == 1
 

@@ -123,6 +123,7 @@ def test_unknown_command(monkeypatch, capsys):
     assert "nosuchcommand" in line
 
 
+@pytest.mark.slow
 def test_real_cli_bad_input(tmp_path):
     """The installed command: exit statuses as a shell sees them."""
     r = run_cli("train", "model=vgg16", cwd=tmp_path)
@@ -134,6 +135,7 @@ def test_real_cli_bad_input(tmp_path):
     assert not (tmp_path / "outputs").exists()  # bad input leaves no run directory behind
 
 
+@pytest.mark.slow
 def test_real_cli_unwritable_run_directory(tmp_path):
     """Hydra would fail to make it with a traceback: dpbp says it first."""
     blocker = tmp_path / "file"
@@ -143,6 +145,7 @@ def test_real_cli_unwritable_run_directory(tmp_path):
     assert "is not a directory" in assert_one_line_error(r.returncode, r.stdout, r.stderr)
 
 
+@pytest.mark.slow
 def test_real_cli_cifar_download_fails_fast_offline(tmp_path):
     # a proxy on a closed local port makes the download fail at once, with or without a network
     closed = "http://127.0.0.1:9"
@@ -164,6 +167,7 @@ def test_top_level_help(monkeypatch, capsys):
         assert "train" in out and "usage: dpbp" in out
 
 
+@pytest.mark.slow
 def test_real_cli_help(tmp_path):
     r = run_cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and "train" in r.stdout and "usage: dpbp" in r.stdout
@@ -216,6 +220,7 @@ def read_scalars(run_dir: Path) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_real_cli_run_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
@@ -232,9 +237,8 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert (s["gpus"], s["modules"], s["replicas"]) == (1, 1, 1)
     assert s["num_parameters"] == sum(p.numel() for b in build_blocks("resnet20", 1, 10)
                                       for p in b.parameters())
-    for key in ("final_test_acc", "best_test_acc"):
-        assert 0.0 <= s[key] <= 1.0
-    assert s["best_test_acc"] >= s["final_test_acc"]
+    assert s["final_test_acc"] == s["history"][-1]["test_acc"] > 0.5  # a fraction; it learned
+    assert s["best_test_acc"] == max(h["test_acc"] for h in s["history"])
     assert math.isfinite(s["final_test_loss"]) and s["final_test_loss"] > 0
     assert s["train_seconds"] > 0 and s["images_per_second"] > 0
     assert len(s["peak_memory_bytes"]) == s["modules"]
@@ -267,6 +271,7 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert [e.step for e in scalars["test/acc"]] == [steps, 2 * steps]
 
 
+@pytest.mark.slow
 def test_real_cli_resnet110_parameter_count(tmp_path):
     run_dir = tmp_path / "run"
     r = run_cli("train", "model=resnet110", "data=synthetic", "data.train_size=256",

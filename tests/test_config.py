@@ -98,7 +98,36 @@ def test_synthetic_shape_becomes_a_tuple_and_round_trips():
 ])
 def test_from_dict_names_an_unknown_key(d, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict(_full(d))
+
+
+def _full(d: dict) -> dict:
+    """The composed config of an FDG run with `d` merged into it (nested dicts merged)."""
+    out = compose_dict("algo=fdg", "gpus=2")
+    for k, v in d.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def test_a_misspelled_key_gets_a_suggestion_and_a_missing_one_is_named():
+    with pytest.raises(ConfigError, match=r"trainer\.epoch \(did you mean trainer\.epochs\?\)"):
+        from_dict(_full({"trainer": {"epoch": 2}}))
+    d = _full({})
+    del d["trainer"]["epochs"]
+    with pytest.raises(ConfigError, match=r"the config has no trainer\.epochs"):
         from_dict(d)
+
+
+def test_each_algorithm_has_only_its_own_keys():
+    """A run's config holds what applies to it: bp has no beta, fdg no microbatches."""
+    assert set(run_config("algo=bp").to_dict()["algo"]) == {"name", "replicas"}
+    assert set(run_config("algo=fdg", "gpus=2").to_dict()["algo"]) == {
+        "name", "replicas", "weights", "beta"}
+    with pytest.raises(ConfigError, match=r"unknown setting algo\.beta"):
+        from_dict(compose_dict("algo=bp", "+algo.beta=0.5"))
 
 
 @pytest.mark.parametrize("d, key", [
@@ -117,13 +146,14 @@ def test_from_dict_names_a_wrong_type(d, key):
     # Hydra passes `trainer.epochs=abc` through as a string: it must fail here, in one sentence,
     # not as a TypeError deep inside the run
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        from_dict(d)
+        from_dict(_full(d))
 
 
 def test_from_dict_accepts_what_yaml_gives():
-    cfg = from_dict({"algo": {"name": "fdg", "beta": 1}, "resume": "/runs/a",
-                     "model": {"name": "resnet56"}, "split": {"balance": [10, 19]},
-                     "trainer": {"max_steps": None, "threads": None}, "data": {"shape": [3, 8, 8]}})
+    cfg = from_dict(_full({"algo": {"beta": 1}, "resume": "/runs/a",
+                           "model": {"name": "resnet56"}, "split": {"balance": [10, 19]},
+                           "trainer": {"max_steps": None, "threads": None},
+                           "data": {"shape": [3, 8, 8]}}))
     assert cfg.algo.beta == 1 and cfg.resume == "/runs/a" and cfg.model == "resnet56"
     assert cfg.split.balance == [10, 19] and cfg.data.shape == (3, 8, 8)
 
@@ -160,7 +190,7 @@ def _with(cfg: RunConfig, **changes) -> RunConfig:
     ({"dist.backend": "mpi"}, "backend"),
 ])
 def test_validate_rejects_bad_settings_naming_them(change, words):
-    cfg = _with(run_config(), **change)
+    cfg = _with(run_config("algo=fdg", "gpus=2"), **change)
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as e:
         validate(cfg)
     assert "\n" not in str(e.value)

@@ -6,23 +6,22 @@ import time
 
 import pytest
 import torch
+from conftest import make_cfg
 
-from dpbp.config import RunConfig, validate
-from dpbp.data import DataConfig
 from dpbp.errors import Interrupted
 from dpbp.launch import launch
 from dpbp.train import train
 
+pytestmark = pytest.mark.slow
+
 
 def config(algo, gpus, replicas, batch, model="resnet20", augment="auto", executor="dist"):
-    cfg = RunConfig(model=model, data=DataConfig(name="digits", augment=augment), gpus=gpus,
-                    device="cpu", executor=executor, seed=2)
-    cfg.algo.name, cfg.algo.replicas, cfg.algo.beta = algo, replicas, 0.5
-    cfg.sched.milestones = [100]
-    cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_steps = 2, batch, 30
-    cfg.trainer.progress, cfg.trainer.log_every = False, 7
-    validate(cfg)
-    return cfg
+    own = {"dp_fdg": [f"algo.replicas={replicas}", "algo.beta=0.5"],
+           "fdg": ["algo.beta=0.5"]}.get(algo, [])
+    return make_cfg(f"algo={algo}", f"gpus={gpus}", f"model.name={model}",
+                    f"data.augment={augment}", f"executor={executor}", "seed=2", *own,
+                    "sched.milestones=[100]", "trainer.epochs=2", f"trainer.batch_size={batch}",
+                    "trainer.max_steps=30", "trainer.check_every=7")
 
 
 def params(run_dir, k):

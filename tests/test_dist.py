@@ -18,8 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpbp import dist as p2p
-from dpbp import schedule
+from dpbp import p2p, schedule
 from dpbp.executor import Totals, in_flight, run_program
 from dpbp.stage import Stage
 

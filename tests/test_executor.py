@@ -8,29 +8,19 @@ import json
 
 import pytest
 import torch
+from conftest import make_cfg
 
-from dpbp.config import RunConfig, validate
-from dpbp.data import DataConfig
+from dpbp.config import RunConfig
 from dpbp.errors import ConfigError
 from dpbp.launch import launch
 from dpbp.train import train
 
 
 def config(algo: str, gpus: int, executor: str, **trainer) -> RunConfig:
-    cfg = RunConfig(model="resnet20", data=DataConfig(name="digits"), gpus=gpus, device="cpu",
-                    executor=executor, seed=1)
-    cfg.algo.name = algo
-    cfg.algo.beta = 0.5 if algo == "fdg" else 1.0
-    cfg.sched.milestones = [100]
-    cfg.trainer.epochs = 2
-    cfg.trainer.batch_size = 64
-    cfg.trainer.max_steps = 30  # 22 batches per epoch: the pipeline runs across the epoch end
-    cfg.trainer.progress = False
-    cfg.trainer.log_every = 7
-    for k, v in trainer.items():
-        setattr(cfg.trainer, k, v)
-    validate(cfg)
-    return cfg
+    # 22 batches per epoch and max_steps=30: the pipeline runs across the epoch end
+    return make_cfg(f"algo={algo}", f"gpus={gpus}", f"executor={executor}", "seed=1",
+                    "sched.milestones=[100]", "trainer.epochs=2", "trainer.max_steps=30",
+                    "trainer.check_every=7", *(f"trainer.{k}={v}" for k, v in trainer.items()))
 
 
 def stage_params(run_dir, k):
@@ -40,6 +30,7 @@ def stage_params(run_dir, k):
 
 @pytest.mark.parametrize("algo,k", [("bp", 2), ("ddg", 2), ("fr", 2), ("fdg", 2), ("ddg", 3),
                                     ("fdg", 3)])
+@pytest.mark.slow
 def test_local_and_dist_give_identical_results(tmp_path, algo, k):
     local_dir, dist_dir = tmp_path / "local", tmp_path / "dist"
     local = train(config(algo, k, "local"), local_dir)
@@ -111,6 +102,7 @@ def test_more_modules_than_blocks(tmp_path):
         train(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_joining_under_torchrun_gives_the_same_run(tmp_path):
     """`torchrun ... -m dpbp.cli train`: every process joins instead of spawning workers."""
     import subprocess
@@ -119,7 +111,7 @@ def test_joining_under_torchrun_gives_the_same_run(tmp_path):
 
     torchrun = Path(sys.executable).with_name("torchrun")
     overrides = ["algo=fdg", "gpus=2", "device=cpu", "seed=1", "trainer.epochs=2",
-                 "trainer.batch_size=64", "trainer.max_steps=30", "trainer.log_every=7",
+                 "trainer.batch_size=64", "trainer.max_steps=30", "trainer.check_every=7",
                  "trainer.progress=false", "sched.milestones=[100]", "algo.beta=0.5"]
     run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
                           "dpbp.cli", "train", *overrides, f"hydra.run.dir={tmp_path / 'tr'}"],

@@ -23,7 +23,7 @@ from dpbp.launch import launch
 from dpbp.train import train
 
 TIMEOUT_S = 20
-SETTINGS = ("model.name=resnet8", "trainer.epochs=3", "seed=3", "trainer.log_every=5",
+SETTINGS = ("model.name=resnet8", "trainer.epochs=3", "seed=3", "trainer.check_every=5",
             "sched.milestones=[2]", f"dist.timeout_s={TIMEOUT_S}")
 
 
@@ -73,6 +73,7 @@ def assert_resumes_exactly(run_dir: Path, algo: str, k: int) -> None:
         assert all(torch.equal(a["module"][n], b["module"][n]) for n in a["module"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,k,victim", [("ddg", 2, 1), ("fdg", 3, 1)])
 def test_a_killed_worker_ends_the_run_at_once_naming_it(tmp_path, algo, k, victim):
     run_dir = tmp_path / "run"
@@ -100,6 +101,7 @@ def test_a_killed_worker_ends_the_run_at_once_naming_it(tmp_path, algo, k, victi
     assert_resumes_exactly(run_dir, algo, k)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_parent_stops_cleanly_with_a_checkpoint_that_resumes(tmp_path):
     run_dir = tmp_path / "run"
     proc: list = []
@@ -252,7 +254,7 @@ def test_diagnose_names_a_worker_that_stopped_responding(tmp_path):
 
 def test_a_point_to_point_wait_gives_up_after_the_timeout():
     """gloo would wait for a message forever; P2P names the silent neighbour instead."""
-    from dpbp.dist import P2P, PeerTimeout
+    from dpbp.p2p import P2P, PeerTimeout
 
     class Work:
         def wait(self, timeout=None):

@@ -22,7 +22,7 @@ from dpbp.train import train
 
 STEPS = 1437 // 128
 BASE = ("executor=local", "model.name=resnet8", "trainer.batch_size=128", "trainer.epochs=3",
-        "trainer.log_every=4", "sched.milestones=[2]", "seed=4")
+        "trainer.check_every=4", "sched.milestones=[2]", "seed=4")
 UNTIMED = ("train_seconds",)
 
 

@@ -219,7 +219,7 @@ def test_profile_validation():
 def test_simulate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown algo"):
         simulate("pipedream", TWO, 2)
-    with pytest.raises(ValueError, match="only dp_fdg and ddp take replicas"):
+    with pytest.raises(ValueError, match="only ddp and dp_fdg take replicas"):
         simulate("fdg", TWO, 2, replicas=2)
     with pytest.raises(ValueError, match="at least 1"):
         simulate("bp", TWO, 0)

@@ -72,7 +72,7 @@ class InterruptInSecondEpoch(RunLogger):
 
 
 def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path):
-    settings = ("trainer.epochs=3", "seed=1", "trainer.log_every=4")
+    settings = ("trainer.epochs=3", "seed=1", "trainer.check_every=4")
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
     a = train(make_cfg(*settings), dir_a, logger_factory=RunLogger)
 
@@ -137,7 +137,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught():
     from dpbp.errors import Divergence
     from dpbp.executor import LocalExecutor
     from dpbp.stage import Stage
-    from dpbp.train import check_finite
+    from dpbp.tick import check_finite
 
     class SqrtOfRelu(nn.Module):
         def forward(self, x):
@@ -189,7 +189,7 @@ def test_one_bad_batch_stops_or_is_skipped(mode):
     from dpbp.errors import Divergence
     from dpbp.executor import LocalExecutor
     from dpbp.stage import Stage
-    from dpbp.train import check_finite
+    from dpbp.tick import check_finite
 
     torch.manual_seed(0)
     first = nn.Linear(3, 3, bias=False)  # zeros in, zeros out, whatever the weights
@@ -218,7 +218,7 @@ def test_on_nonfinite_skip_stops_a_run_that_does_not_recover(tmp_path):
 
     cfg = make_cfg("algo=ddg", "gpus=2", "executor=local", "trainer.epochs=2",
                    "sched.milestones=[1]", "sched.gamma=1e12", "trainer.on_nonfinite=skip",
-                   "trainer.log_every=4")
+                   "trainer.check_every=4")
     with pytest.raises(Divergence, match=r"module [12] skipped its last \d+ steps .* the "
                                          r"checkpoint of epoch 1"):
         train(cfg, tmp_path)
