@@ -10,6 +10,7 @@ one stage per process over P2P (executor=dist, p2p.py).
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -55,6 +56,7 @@ class Grid:
                               if t.device == self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.rusage = resource.getrusage(resource.RUSAGE_SELF)
         if self.ctx.distributed:
             gloo = dist.get_backend() == "gloo"  # NCCL enforces its timeout by itself
             self.link = p2p.P2P(self.ctx.rank % len(self.shapes), self.ranks, self.shapes,
@@ -123,7 +125,8 @@ class Grid:
         are host times, meaningful on CPU only (CUDA work is asynchronous): None on CUDA.
         peak_memory_bytes = the CUDA allocator's peak above the data held on the device when
         the module has a GPU of its own, else the bytes the algorithm holds for in-flight
-        batches (history_bytes).
+        batches (history_bytes). process_cpu = [user, system] CPU seconds of the process since
+        the stages were attached, on its first stage only (a local run's stages share one).
         """
         cuda = self.device.type == "cuda"
         own_gpu = cuda and self.ctx.distributed
@@ -146,7 +149,13 @@ class Grid:
                 "idle_seconds": None if cuda else idle,
                 "updates": s.stats.updates,
                 "skipped": s.stats.skipped,
+                "process_cpu": None,
             })
+        # the process's CPU time since attach (user, system), with its first stage: a local
+        # run's stages share one process
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        mine[0]["process_cpu"] = [now.ru_utime - self.rusage.ru_utime,
+                                  now.ru_stime - self.rusage.ru_stime]
         if not self.ctx.distributed:
             return mine
         last = len(self.shapes) - 1  # replica 0's last stage reports for the run
@@ -176,22 +185,32 @@ class Grid:
 
 
 class GradSync:
-    """Average a module's gradients over its data-parallel group before each update (dp_fdg).
+    """Average a module's gradients over its data-parallel group before each update (dp_fdg),
+    overlapped with the backward.
 
-    One all-reduce of all the module's gradients flattened into one buffer per update: every
-    replica's module k updates at the same ticks (same schedule), so the collective matches up.
-    It is synchronous: the update needs the average, and the next tick's forward needs the
-    update.
+    A hook on every weight tensor a forward used (`watch`) starts an asynchronous all-reduce of
+    that weight's gradient the moment the backward has computed it, so the reductions of the
+    last layers run while the first layers are still being back-propagated; the update
+    (`__call__`) waits for them and divides by the number of replicas. Every replica's module k
+    runs the same graph at the same ticks, so the hooks fire, and the collectives are issued, in
+    the same order everywhere.
     """
 
     def __init__(self, group, replicas: int) -> None:
         self.group, self.replicas = group, replicas
+        self.pending: list[Any] = []  # all-reduces in flight
+
+    def watch(self, weight: torch.Tensor) -> None:
+        """All-reduce `weight`'s gradient as soon as a backward computes it."""
+        weight.register_hook(self._reduce)
+
+    def _reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        self.pending.append(dist.all_reduce(grad, group=self.group, async_op=True))
+        return grad  # reduced in place: the backward returns this very tensor
 
     def __call__(self, grads: list[torch.Tensor]) -> None:
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.replicas
-        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(avg)
+        """Wait for this backward's all-reduces; leave the replicas' mean in `grads`."""
+        for work in self.pending:
+            work.wait()
+        self.pending.clear()
+        torch._foreach_div_(grads, self.replicas)

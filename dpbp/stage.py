@@ -120,11 +120,12 @@ class Stage:
         weights: str = "stash",
         beta: float = 1.0,
         autocast: Callable[[], object] | None = None,
-        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+        grad_sync: Any = None,
         on_nonfinite: str = "stop",
     ) -> None:
-        """`grad_sync(grads)` averages the gradients in place across data-parallel replicas
-        before every update (dp_fdg); None for a single pipeline. `on_nonfinite`: stop
+        """`grad_sync` (grid.GradSync) all-reduces each weight's gradient across data-parallel
+        replicas as the backward computes it and averages them before the update (dp_fdg);
+        None for a single pipeline. `on_nonfinite`: stop
         (remember the first bad batch, the run stops) or skip (skip that update)."""
         self.module = module
         self.index = index
@@ -139,6 +140,8 @@ class Stage:
         self.live_alias = weights == "live" and self.delay > 0
         self.beta = beta if not self.last else 1.0
         self.grad_sync = grad_sync
+        if grad_sync is not None and not (self.stash or self.live_alias):
+            self._watch(dict(module.named_parameters()))  # the same tensors at every backward
         self.params = dict(module.named_parameters())
         self._param_storages = {p.untyped_storage().data_ptr() for p in self.params.values()}
         self.pending: dict[int, Pending] = {}
@@ -192,10 +195,19 @@ class Stage:
 
     def _forward_weights(self) -> dict[str, torch.Tensor]:
         if self.stash:
-            return {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+            return self._watch({n: p.detach().clone().requires_grad_(True)
+                                for n, p in self.params.items()})
         if self.live_alias:
-            return {n: p.data.requires_grad_(True) for n, p in self.params.items()}
+            return self._watch({n: p.data.requires_grad_(True) for n, p in self.params.items()})
         return self.params  # no delay: nothing changes the weights before the backward
+
+    def _watch(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Data parallel: each weight's gradient is all-reduced as soon as the backward has
+        computed it, overlapped with the rest of the backward (grid.GradSync)."""
+        if self.grad_sync is not None:
+            for w in weights.values():
+                self.grad_sync.watch(w)
+        return weights
 
     def _autocast(self):
         if self.autocast is not None:
@@ -384,7 +396,7 @@ class Stage:
         # copies of the buffers: BatchNorm's running statistics already count this batch
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
         if self.stash:
-            weights = {n: w.requires_grad_(True) for n, w in used.items()}
+            weights = self._watch({n: w.requires_grad_(True) for n, w in used.items()})
             with self._autocast():
                 out = functional_call(self.module, {**weights, **buffers}, (x,))
             return Pending(x=x, out=out, weights=weights, nbytes=self._graph_bytes)

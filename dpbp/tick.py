@@ -188,6 +188,7 @@ class TickRunner:
             "idle_seconds": [s["idle_seconds"] for s in stats],
             "updates": [s["updates"] for s in stats],
             "skipped_steps": [s["skipped"] for s in stats],
+            "process_cpu_seconds": [s["process_cpu"] for s in stats if s["process_cpu"]],
         }
 
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from dpbp import algos, checkpoint
+from dpbp.allocator import keep_freed_memory
 from dpbp.build import WorkerContext
 from dpbp.config import RunConfig
 from dpbp.errors import Interrupted
@@ -132,6 +133,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
     every process agrees on, writes a checkpoint there and raises Interrupted.
     """
     ctx = ctx or WorkerContext()
+    keep_freed_memory()
     runner = make_runner(cfg, run_dir, ctx)
     plan = Plan.of(cfg, runner)
     state = RunState()
@@ -260,8 +262,8 @@ class _Loop:
 
 # every summary.json has these keys; a family fills the ones that apply to it
 FAMILY_KEYS = ("modules", "peak_memory_bytes", "memory_measure", "history_memory_bytes",
-               "compute_seconds", "idle_seconds", "updates", "skipped_steps", "staleness",
-               "staleness_mean", "staleness_max")
+               "compute_seconds", "idle_seconds", "process_cpu_seconds", "updates",
+               "skipped_steps", "staleness", "staleness_mean", "staleness_max")
 
 
 def finish_run(cfg: RunConfig, run_dir: Path, log, state: RunState, ctx: WorkerContext,
