@@ -223,7 +223,7 @@ def _tick_lanes(algo: str, p: Profile, num_batches: int, replica: int,
     end = schedule.num_ticks(algo, k, num_batches)
     lanes = []
     for s in range(k):
-        # stage.Stage.replay: a stage that keeps inputs recomputes its forward before backward
+        # keep.Replay: a stage that keeps inputs recomputes its forward before its backward
         replay = p.forward[s] if algos.get(algo).keeps == "input" and s < k - 1 else 0.0
         ops, steps = [], 0
         for ins in schedule.program(algo, s, k, range(end), num_batches, end):
