@@ -24,9 +24,11 @@ set -euo pipefail
 usage() {
   sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
+
 Options:
-  --quick      tiny settings: CPU bench at W <= 2 on a small MLP, few CUDA checks, tiny profile
-  --cpu-only   skip the CUDA parts (the paper profile then runs on the CPU with a tiny batch)
+  --quick      tiny settings: the CPU bench at W <= 2 on a small MLP, 4 of the CUDA checks
+  --cpu-only   skip the CUDA parts; the papers' profile then runs on the CPU with a tiny batch
+               (as it does wherever there is no CUDA: a check that it runs, not a prediction)
   --seconds N  the whole check ends inside N seconds (default 450)
   -h, --help   this text
 EOF
@@ -163,7 +165,8 @@ fi
 # --- 3. the papers' settings, predicted ------------------------------------------------------
 papers_cmd=("$py" -m dpbp.paper_predict "$out")
 if ! $cuda; then
-  papers_cmd+=(--device cpu --batch 4 --repeats 1)
+  # a check that the part runs, in seconds: one of the papers' models, a tiny batch
+  papers_cmd+=(--device cpu --models resnet56 --batch 2 --repeats 1)
 fi
 # at most 60 s, leaving 200 s for the CPU bench
 part papers "$(at_most 60 $(( $(left) - 200 )))" "${papers_cmd[@]}" \
@@ -171,7 +174,7 @@ part papers "$(at_most 60 $(( $(left) - 200 )))" "${papers_cmd[@]}" \
 
 # --- 1. CPU scaling: dpbp bench at W = 1, 2, 4, 8, ceiling and prediction beside each row ---
 cpu_limit=$(( $(left) - 20 ))
-budget=$(( cpu_limit - 60 > 30 ? cpu_limit - 60 : 30 ))
+budget=$(( cpu_limit - 60 > cpu_limit / 2 ? cpu_limit - 60 : cpu_limit / 2 ))  # room to predict
 # ResNet-20 (11 blocks: K = 8 fits), batch 128 per worker; 22 cases a repeat, each one process
 # start (3-7 s) plus 12 steps; the second repeat runs only if it fits in time_budget_s
 if $quick; then
