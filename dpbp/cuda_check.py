@@ -282,7 +282,7 @@ def overhead_result(plain: list[float], harness: list[float | None]) -> dict[str
             "overhead": 1 - d / p if p and d else None}
 
 
-def measure_overhead(out: Path, device: str, steps: int, epochs: int, repeats: int,
+def measure_overhead(work: Path, device: str, steps: int, epochs: int, repeats: int,
                      timeout: float, model: str = "resnet20", batch: int = 128
                      ) -> dict[str, Any]:
     """Plain loop and dpbp, alternately, `repeats` times each, nothing else running."""
@@ -295,7 +295,7 @@ def measure_overhead(out: Path, device: str, steps: int, epochs: int, repeats: i
     for r in range(repeats):
         plain.append(plain_loop_ips(model, batch, steps, epochs, device))
         run = run_dpbp(Run(f"overhead-{r}", device, args,
-                           str(out / "runs" / "overhead" / f"repeat{r}")), timeout)
+                           str(work / "overhead" / f"repeat{r}")), timeout)
         if run.summary.get("status") == "completed":
             harness.append(timed_throughput(run.summary["history"])[0])
         else:
@@ -307,11 +307,11 @@ def measure_overhead(out: Path, device: str, steps: int, epochs: int, repeats: i
     return result
 
 
-def run_all(out: Path, device: str, checks: list[Check], refused: list[Refused], jobs: int,
+def run_all(work: Path, device: str, checks: list[Check], refused: list[Refused], jobs: int,
             timeout: float) -> tuple[dict[str, Run], dict[str, Run], dict[str, Run]]:
     """GPU runs (`jobs` at a time), their CPU references and the refused commands (one per
     CPU pair of cores at a time), all at once: no timing is taken from these runs."""
-    runs = out / "runs"
+    runs = work
     refs = {c.reference for c in checks}
     ref_args = {c.name: c.overrides for c in plan_checks() if c.name in refs}
     cpu_jobs = max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-steps", type=int, default=100,
                    help="steps per epoch of the overhead runs (0: skip that part)")
     p.add_argument("--overhead-repeats", type=int, default=2)
+    p.add_argument("--work", type=Path, default=None,
+                   help="run directories of the dpbp runs (default: OUT/cuda_check_runs)")
     p.add_argument("--command", default=None, help="the command to state in the tables")
     args = p.parse_args(argv)
     command = args.command or shlex.join(["python", "-m", "dpbp.cuda_check",
@@ -457,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [c for c in plan_checks() if not only or c.name in only]
     refused = [r for r in REFUSED if (not only or r.name in only) and args.device == "cuda"]
     t0 = time.monotonic()
-    gpu, cpu, ref = run_all(args.out, args.device, checks, refused, args.jobs, args.timeout)
+    work = args.work or args.out / "cuda_check_runs"
+    gpu, cpu, ref = run_all(work, args.device, checks, refused, args.jobs, args.timeout)
     rows = [{"name": c.name, "overrides": list(c.overrides), "reference": c.reference,
              **compare(gpu[c.name], cpu.get(c.reference), TOLERANCE[c.tolerance])}
             for c in checks]
@@ -468,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             cpu.items()}}.items()}}
     write_part(args.out, "device_cuda", title, command, markdown(result), result)  # kept if
     if args.overhead_steps > 0:  # the overhead part is stopped
-        result["overhead"] = measure_overhead(args.out, args.device, args.overhead_steps, 3,
+        result["overhead"] = measure_overhead(work, args.device, args.overhead_steps, 3,
                                               args.overhead_repeats, args.timeout)
     result["seconds"] = round(time.monotonic() - t0, 1)
     write_part(args.out, "device_cuda", title, command, markdown(result), result)

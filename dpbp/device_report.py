@@ -143,7 +143,8 @@ def cpu_scaling(bench_dir: Path, out: Path, command: str) -> dict[str, Any]:
     data = {"bench_dir": str(bench_dir), "config": bench["config"],
             "repeats_done": bench.get("repeats_done"), "rows": rows,
             "error_by_workers": {str(w): e for w, e in errors.items()},
-            "profile": bench.get("profile")}
+            "profile": bench.get("profile"), "predictions": bench.get("predictions"),
+            "measurements": bench.get("measurements")}  # the bench's folder may not be kept
     write_part(out, "device_cpu_scaling", "Device check 1: CPU scaling, measured and predicted",
                command, scaling_markdown(bench, rows), data)
     return data

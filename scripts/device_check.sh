@@ -12,7 +12,7 @@
 #                      simulated, next to the papers' speed tables (python -m dpbp.paper_predict)
 #   device_cpu_scaling dpbp bench on the CPU at W = 1, 2, 4, 8, one thread per process, with the
 #                      ceiling and the simulator's prediction and error beside each row
-# and a summary table last. Each part has its own time limit; a failing part does not stop the
+# and device_check.log (all of the output), with a summary table last. Each part has its own time limit; a failing part does not stop the
 # others (the exit status is 1 if any failed). The CUDA parts run first: their time is bounded,
 # and the CPU bench takes what is left (its repeats adapt to it: time_budget_s).
 #
@@ -75,8 +75,10 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd -P)
-work="$out/work"
-mkdir -p "$work"
+# OUT holds only the tables and this log (the device tool brings back 8 files); the runs, the
+# bench's folder and the part logs go to a work folder beside
+work=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")
+exec > >(tee "$out/device_check.log") 2>&1
 parts="$work/parts.tsv"
 : > "$parts"
 here="(run by: scripts/device_check.sh${args_given:+ $args_given})"
@@ -128,12 +130,13 @@ if ! $cpu_only && "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_availa
     2> /dev/null; then
   cuda=true
 fi
-echo "device_check: OUT=$out, cuda=$cuda, quick=$quick, $(nproc) CPUs, budget ${total}s"
+echo "device_check: OUT=$out (work: $work), cuda=$cuda, quick=$quick, $(nproc) CPUs," \
+  "budget ${total}s"
 
 left() { echo $(( total - (SECONDS - start) )); }
 at_most() { echo $(( $1 < $2 ? $1 : $2 )); }  # the smaller of two numbers
 
-# part NAME LIMIT CMD...: run CMD under `timeout LIMIT`, log to OUT/work/NAME.log, record
+# part NAME LIMIT CMD...: run CMD under `timeout LIMIT`, log to the work folder, record
 # NAME, exit status and seconds in parts.tsv; never stops the script
 part() {
   local name=$1 limit=$2 t0=$SECONDS status=0
@@ -149,7 +152,7 @@ part() {
 }
 
 # --- 2. CUDA: every algo that runs on one GPU, against the CPU; harness overhead ------------
-cuda_cmd=("$py" -m dpbp.cuda_check "$out")
+cuda_cmd=("$py" -m dpbp.cuda_check "$out" --work "$work/cuda")
 $quick && cuda_cmd+=(--only bp-k1,fdg-k2,fdg-k2-amp,pdasgd-k1 --overhead-steps 20)
 if $cpu_only; then
   # device_cuda.md/json say so, as they do on a machine without CUDA
