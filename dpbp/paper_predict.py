@@ -127,13 +127,15 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "it), then each algorithm's schedule simulated on K such devices (dpbp/simulate.py, "
         "200 batches). Predicted: no transfer cost; staged: each boundary's activation moved "
         "device → pinned host → device, timed on this GPU (a PCIe transfer without "
-        "peer-to-peer). Paper: speedup over BP from the paper's table (s/epoch in brackets).",
+        "peer-to-peer; zero on the CPU). Paper: speedup over BP from the paper's table "
+        "(s/epoch in brackets).",
         "",
         "Not modelled, and in the papers' numbers: data loading and augmentation, evaluation "
         "(DDG's figure is whole-run time), the reference code's own communication (DDG: a "
         "shared-memory mailbox through the CPU; FDG: Python threads joined every iteration), "
-        "the papers' GPUs (FDG: Tesla K80 per its early README; DDG: not stated) and their "
-        "hand-written splits (shared/reference/algorithms.md §2.5, §4.4).", ""]
+        "the papers' GPUs (FDG's early README names Tesla K80s, Table 6 names none; DDG: "
+        "not stated) and their hand-written splits (shared/reference/algorithms.md §2.5, "
+        "§4.4).", ""]
     for model, prof in result["profiles"].items():
         rows = [p for p in result["predictions"] if p["model"] == model]
         bp = rows[0]["bp_seconds_per_batch"] if rows else math.nan
