@@ -9,14 +9,20 @@ with), on synthetic data sized so that an epoch is `steps_per_epoch` steps (a re
 its size). Epoch 1 is the
 warm-up and is not timed; images/s = images of the later epochs / their training seconds
 (evaluation excluded). Repeats are interleaved (every row once, then every row again) so that
-drift of a shared machine hits all rows alike; a row's figure is the median over its repeats.
+drift of a shared machine hits all rows alike; a row's figure is the median over its repeats,
+with the spread (min-max) beside it. `time_budget_s` starts no repeat that would not end inside
+the budget (judged by the repeats so far) and no case once it is spent.
 
 Per row: images/s, speedup over BP on one worker, parallel efficiency (speedup / workers), the
 machine's ceiling (W independent one-worker BP processes side by side, no communication: the
 speedup the hardware allows) and efficiency against it, peak memory per module, and the share of
 time each module computed rather than waited (CPU runs; from the run's summary.json, warm-up
-included). Output: a rich table, bench.json (every measurement and the rows), bench.md and
-bench.png (speedup vs workers, ideal and ceiling lines) in the bench's run directory.
+included). With predict=true, each measured row also gets the simulator's speedup for a run of
+the same length (fill, drain and the untimed first epoch as in the run) and its error against the
+measurement. Output: a rich table, bench.json (every measurement and the rows), bench.md and
+bench.png (speedup vs workers, ideal and ceiling lines) in the bench's run directory; all of them
+are rewritten after every repeat, and bench.json after every case, so a bench that is stopped
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -117,9 +123,18 @@ def measurement(case: Case, repeat: int, summaries: list[dict[str, Any]],
                        compute_share=share, run_dir=run_dir)
 
 
+def spread(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """(min, max, (max - min) / median) of a row's repeats; Nones when there are none."""
+    if not values:
+        return None, None, None
+    mid = statistics.median(values)
+    return min(values), max(values), (max(values) - min(values)) / mid if mid else None
+
+
 def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """Per case: median images/s over repeats, speedup over BP on one worker, efficiency, and
-    the efficiency against the machine's ceiling at the same worker count."""
+    """Per case: median images/s over repeats and their spread (min-max), speedup over BP on
+    one worker, efficiency, and the efficiency against the machine's ceiling at the same worker
+    count."""
     def median_ips(c: Case) -> float | None:
         ips = [m.images_per_second for m in measurements
                if (m.algo, m.workers) == (c.algo, c.workers) and m.status == "completed"]
@@ -135,11 +150,13 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
         speedup = ips / base if ips and base else None
         ceil = ceiling.get(c.workers) if c.workers > 1 else base
         ceil_speedup = ceil / base if ceil and base else None
+        low, high, rel = spread([m.images_per_second for m in done])
         out.append({
             "algo": c.algo, "workers": c.workers, "modules": c.modules, "replicas": c.replicas,
             "repeats": len(done), "failed": len(mine) - len(done),
             "images_per_second": ips,
             "images_per_second_all": [m.images_per_second for m in done],
+            "images_per_second_min": low, "images_per_second_max": high, "spread": rel,
             "speedup": speedup,
             "efficiency": speedup / c.workers if speedup else None,
             "ceiling_speedup": ceil_speedup,
@@ -149,6 +166,21 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
             "compute_share": done[len(done) // 2].compute_share if done else [],
         })
     return out
+
+
+def attach_predictions(rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> None:
+    """Put the simulator's speedups beside each measured row, in place: `predicted_speedup` (a
+    long run), `predicted_run_speedup` (a run as long as the bench's) and `prediction_error`, the
+    relative error of the latter against the measured speedup ((predicted - measured) /
+    measured); None where there is no prediction or no measurement."""
+    by_case = {(p["algo"], p["workers"]): p for p in predictions}
+    for r in rows:
+        p = by_case.get((r["algo"], r["workers"]), {})
+        run = p.get("speedup_run")
+        r["predicted_speedup"] = p.get("speedup")
+        r["predicted_run_speedup"] = run
+        r["prediction_error"] = (run - r["speedup"]) / r["speedup"] if run and r["speedup"] \
+            else None
 
 
 def train_overrides(cfg: dict[str, Any], case: Case) -> list[str]:
@@ -220,28 +252,49 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
-    """Measure every case `repeats` times, interleaved; write bench.json/md/png; return them."""
+    """Measure every case `repeats` times, interleaved (fewer when `time_budget_s` runs out);
+    write bench.json after every case and bench.json/md/png after every repeat; return the
+    result."""
     cases = plan(list(cfg["algos"]), list(cfg["gpus"]), cfg["ceiling"])
     measurements: list[Measurement] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = {"machine": machine(), "device": cfg["device"], "started": started, "config": cfg,
+              "rows": rows(cases, measurements), "measurements": []}
+    budget = cfg.get("time_budget_s")
+    t0 = time.monotonic()
     for r in range(cfg["repeats"]):
+        elapsed = time.monotonic() - t0
+        if r and budget is not None and elapsed + elapsed / r > budget:
+            console.print(f"time_budget_s={budget}: {r} repeat(s) done in {elapsed:.0f} s; "
+                          "another would not end inside the budget, so the bench stops here.",
+                          highlight=False)
+            break
+        result["repeats_done"] = r  # whole repeats; the rows count what each case has
         for c in cases:
+            if budget is not None and time.monotonic() - t0 > budget:
+                console.print(f"time_budget_s={budget} spent: repeat {r + 1} stops before "
+                              f"{c.name}.", highlight=False)
+                break
             m = run_case(cfg, c, r, out)
             measurements.append(m)
             what = (f"{m.images_per_second:8.0f} img/s" if m.status == "completed"
                     else f"FAILED: {m.error}")
             console.print(f"repeat {r + 1}/{cfg['repeats']}  {c.name:<14} {what}",
                           highlight=False)
-    result = {"machine": machine(), "device": cfg["device"], "started": started,
-              "config": cfg, "rows": rows(cases, measurements),
-              "measurements": [asdict(m) for m in measurements]}
-    write_outputs(result, out)  # the measurements are safe before the prediction starts
+            # what is measured is safe if the bench is stopped later (bench.json per case)
+            result["rows"] = rows(cases, measurements)
+            result["measurements"] = [asdict(m) for m in measurements]
+            write_json(result, out)
+        else:
+            result["repeats_done"] = r + 1
+        write_outputs(result, out)
     if cfg["predict"]:
         from dpbp.predict import predict_rows
 
         try:
             result["predictions"], result["profile"] = predict_rows(cfg, result["rows"],
                                                                     console)
+            attach_predictions(result["rows"], result["predictions"])
         except Exception as e:  # noqa: BLE001 - the measurements stand without it
             console.print(f"dpbp: the prediction failed ({type(e).__name__}: {e}); the "
                           "measurements are written without it.", highlight=False)
@@ -253,33 +306,62 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _range(r: dict[str, Any]) -> str:
+    """A row's spread over its repeats: "min–max" images/s ("–" with fewer than 2 repeats)."""
+    low, high = r.get("images_per_second_min"), r.get("images_per_second_max")
+    return f"{low:.0f}–{high:.0f}" if low is not None and r["repeats"] > 1 else "–"
+
+
+def _share_range(r: dict[str, Any]) -> str:
+    """The modules' compute shares as "lowest–highest%" (one module: its share)."""
+    shares = [100 * s for s in r["compute_share"] if s is not None]
+    if not shares:
+        return "–"
+    low, high = min(shares), max(shares)
+    return f"{low:.0f}%" if round(low) == round(high) else f"{low:.0f}–{high:.0f}%"
+
+
+def _error(r: dict[str, Any]) -> str:
+    return _fmt(r.get("prediction_error"), "+.0%")
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """bench.md: how it was run, then one line per case."""
+    """bench.md: how it was run, then one line per case: the median images/s and its spread
+    over the repeats (min–max), and, with predictions, the simulator's speedup for a run as long
+    as this one, its error against the measurement, and its speedup for a long run."""
     cfg, m = result["config"], result["machine"]
     predicted = {(p["algo"], p["workers"]): p["speedup"] for p in result.get("predictions", [])}
+    repeats = result.get("repeats_done", cfg["repeats"])
+    done = f"{repeats} interleaved repeats" + (f" (of {cfg['repeats']} asked; time_budget_s="
+                                               f"{cfg.get('time_budget_s')})"
+                                               if repeats < cfg["repeats"] else "")
     lines = [
         f"# dpbp bench: {cfg['model']['name']} on {cfg['data']['name']}, batch {cfg['batch_size']}"
         f" per worker, device {cfg['device']}",
         "",
         f"Machine: {m['host']} ({m['platform']}, {m['cpus']} CPUs"
         f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}), torch {m['torch']}; "
-        f"started {result['started']}. {cfg['repeats']} interleaved repeats; per run "
+        f"started {result['started']}. {done}; per run "
         f"{cfg['epochs']} epochs of {cfg['steps_per_epoch']} steps, the first untimed; "
-        f"{cfg['threads']} thread(s) per process on CPU. Median images/s over the repeats.",
+        f"{cfg['threads']} thread(s) per process on CPU. Median images/s over the repeats, "
+        "min–max beside it. Predicted: the simulator's speedup for a run of this length "
+        "(error = predicted / measured − 1) and for a long run (200 batches).",
         "",
-        "| algo | workers | modules x replicas | images/s | speedup | efficiency "
-        "| ceiling speedup | vs ceiling | predicted | compute share per module "
-        "| peak memory per module (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| algo | workers | modules x replicas | images/s | min–max | speedup | efficiency "
+        "| ceiling speedup | vs ceiling | predicted (this run) | error | predicted (long run) "
+        "| compute share per module | peak memory per module (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         share = " / ".join("–" if s is None else f"{100 * s:.0f}%" for s in r["compute_share"])
         mem = " / ".join("–" if b is None else f"{b / 2**20:.1f}" for b in r["peak_memory_bytes"])
         lines.append(
             f"| {r['algo']} | {r['workers']} | {r['modules']} x {r['replicas']} "
-            f"| {_fmt(r['images_per_second'], '.0f')} | {_fmt(r['speedup'], '.2f')}× "
+            f"| {_fmt(r['images_per_second'], '.0f')} | {_range(r)} "
+            f"| {_fmt(r['speedup'], '.2f')}× "
             f"| {_fmt(r['efficiency'], '.0%')} | {_fmt(r['ceiling_speedup'], '.2f')}× "
             f"| {_fmt(r['efficiency_vs_ceiling'], '.0%')} "
+            f"| {_fmt(r.get('predicted_run_speedup'), '.2f')} | {_error(r)} "
             f"| {_fmt(predicted.get((r['algo'], r['workers'])), '.2f')} "
             f"| {share or '–'} | {mem or '–'} |")
     extra = [p for p in result.get("predictions", [])
@@ -332,24 +414,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict[str, Any], out: Path) -> None:
+def write_json(result: dict[str, Any], out: Path) -> None:
+    """bench.json: the configuration, every measurement, the rows (and predictions)."""
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    """bench.json, bench.md and bench.png."""
+    write_json(result, out)
     (out / "bench.md").write_text(markdown(result))
     plot(result, out / "bench.png")
 
 
 def table(result: dict[str, Any]):
-    """The rich table for the terminal."""
+    """The rich table for the terminal, in 80 columns: the compute share of the modules as
+    lowest–highest (bench.md has every column and each module's share)."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(title="dpbp bench (median over repeats)")
-    for col in ("algo", "workers", "images/s", "speedup", "efficiency", "vs ceiling",
-                "compute share"):
-        t.add_column(col, justify="left" if col == "algo" else "right")
+    t = Table(title="dpbp bench (median over repeats, min–max beside it)", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True)
+    predicted = any(r.get("predicted_run_speedup") for r in result["rows"])
+    cols = ["algo", "W", "img/s", "min–max", "speedup", "vs ceil",
+            *(["pred.", "error"] if predicted else [])]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "algo" else "right", no_wrap=True)
+    t.add_column("compute", justify="right", no_wrap=True)
     for r in result["rows"]:
+        pred = [_fmt(r.get("predicted_run_speedup"), ".2f"), _error(r)] if predicted else []
         t.add_row(r["algo"], str(r["workers"]), _fmt(r["images_per_second"], ".0f"),
-                  _fmt(r["speedup"], ".2f") + "×", _fmt(r["efficiency"], ".0%"),
-                  _fmt(r["efficiency_vs_ceiling"], ".0%"),
-                  " / ".join("–" if s is None else f"{100 * s:.0f}%"
-                             for s in r["compute_share"]) or "–")
+                  _range(r), _fmt(r["speedup"], ".2f") + "×",
+                  _fmt(r["efficiency_vs_ceiling"], ".0%"), *pred, _share_range(r))
     return t

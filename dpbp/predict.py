@@ -5,6 +5,12 @@ The profile is taken in the bench's own process on one device with the bench's t
 forward, backward and optimizer step per block at the bench's batch size; the transfer of each
 boundary's activation and the all-reduce of the gradients are timed between two real processes
 (gloo on CPU, nccl on CUDA). Modules are cut as the runs cut them (balanced counted flops).
+
+Two predictions per case: `speedup`, a long run (200 batches: fill and drain amortised), and,
+for synthetic data (whose epoch the bench sizes), `speedup_run`, a run as long as the bench's:
+`epochs` epochs of `steps_per_epoch` batches, timed from the moment every device has finished
+the first epoch's ticks to the end of the drain, as the bench times it. That one is what the
+measured speedup is compared with (the simulator's error).
 """
 
 from __future__ import annotations
@@ -13,12 +19,38 @@ from typing import Any
 
 import torch
 
-from dpbp import algos
+from dpbp import algos, schedule
 from dpbp.data import DataConfig, load_dataset, train_batch
 from dpbp.models import build_blocks
 from dpbp.profile import profile_blocks, profile_links
-from dpbp.simulate import Profile, bp_one_device, predict_speedup
+from dpbp.simulate import Profile, bp_one_device, predict_speedup, simulate
 from dpbp.split import balanced_counts, block_flops
+
+
+def run_speedup(algo: str, profile: Profile, steps: int, epochs: int, replicas: int = 1,
+                microbatches: int = 4) -> float:
+    """Simulated speedup over BP on one device of a bench run: `epochs` epochs of `steps`
+    batches per replica; the first epoch is not timed (the bench's warm-up), the last includes
+    the drain. The window starts when the last device has finished the first epoch's work (the
+    run's epoch boundary); a device that ran ahead into the second epoch keeps that head start,
+    so this is at most one tick optimistic."""
+    if epochs < 2:
+        raise ValueError("a bench run has at least 2 epochs: the first is not timed")
+    n = steps * epochs
+    result = simulate(algo, profile, n, replicas, microbatches)
+    if algos.get(algo).simulate == "tick":
+        k, end = profile.modules, schedule.num_ticks(algo, profile.modules, n)
+        ends = []
+        for d, spans in enumerate(result.spans):  # devices: replica-major, d = r * K + stage
+            first = schedule.program(algo, d % k, k, range(steps), n, end)
+            runs = sum(i.op in (schedule.FORWARD, schedule.BACKWARD, schedule.STEP)
+                       for i in first)
+            if runs:
+                ends.append(spans[runs - 1][2])
+    else:  # the microbatch pipelines and the all-reduce model label each batch's step S<batch>
+        ends = [e for spans in result.spans for label, _, e in spans if label == f"S{steps - 1}"]
+    window = result.makespan - max(ends, default=0.0)
+    return (epochs - 1) * steps * replicas / window * bp_one_device(profile)
 
 
 def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
@@ -64,6 +96,8 @@ def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None
     workers = sorted({r["workers"] for r in rows} | set(cfg["predict_gpus"]))
     whole = module_profile(prof, [n])
     base = bp_one_device(whole)
+    # the bench sizes a synthetic epoch to steps_per_epoch; a real data set keeps its own size
+    steps = cfg["steps_per_epoch"] if cfg["data"]["name"] == "synthetic" else None
     out = []
     for algo in names:
         rec = algos.get(algo)
@@ -75,15 +109,17 @@ def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None
                 # the all-reduce of the whole model's gradients, as one bucket after the backward
                 p = Profile(whole.forward, whole.backward, whole.step,
                             allreduce=(sum(prof["allreduce"]),))
-                speedup = predict_speedup(algo, p, replicas=w)
+                replicas = w
             else:
                 k, replicas = layout
                 if k > n:
                     continue
                 p = module_profile(prof, counts_for(k))
-                speedup = predict_speedup(algo, p, replicas=replicas,
-                                          microbatches=cfg["microbatches"])
-            out.append({"algo": algo, "workers": w, "speedup": speedup})
+            speedup = predict_speedup(algo, p, replicas=replicas,
+                                      microbatches=cfg["microbatches"])
+            run = (run_speedup(algo, p, steps, cfg["epochs"], replicas, cfg["microbatches"])
+                   if steps else None)
+            out.append({"algo": algo, "workers": w, "speedup": speedup, "speedup_run": run})
     if console is not None:
         console.print(f"profile: BP on one worker {1e3 * base:.1f} ms per batch (predicted)")
     return out, prof

@@ -130,3 +130,24 @@ def profile_links(sizes: Sequence[int], device: torch.device,
                                            path), nprocs=2, start_method="spawn")
         result = torch.load(path, weights_only=True)
     return result["transfer"], result["allreduce"]
+
+
+def profile_staged_copies(sizes: Sequence[int], device: torch.device,
+                          repeats: int = 5) -> list[float]:
+    """Seconds to move a float32 tensor of each size from one GPU to another through host
+    memory (device -> pinned host -> device, no peer-to-peer): what a boundary transfer costs
+    without NVLink, estimated on a machine with a single GPU. Zeros on the CPU (nothing moves)."""
+    if device.type != "cuda":
+        return [0.0] * len(sizes)
+    out = []
+    for n in sizes:
+        src = torch.zeros(max(n, 1), device=device)
+        host = torch.empty(src.shape, pin_memory=True)
+        dst = torch.empty_like(src)
+
+        def copy(src=src, host=host, dst=dst):
+            host.copy_(src, non_blocking=True)
+            dst.copy_(host, non_blocking=True)
+
+        out.append(_timed(copy, device, repeats))
+    return out

@@ -1,20 +1,28 @@
 """dpbp bench: the measurement bookkeeping (no timings asserted) and one real tiny bench."""
 
+import io
 import json
 
 import pytest
 from conftest import run_cli
+from rich.console import Console
 
+import dpbp.bench as bench
 from dpbp.bench import (
     CEILING,
     Case,
+    Measurement,
+    attach_predictions,
     markdown,
     measurement,
     plan,
     rows,
+    spread,
     timed_throughput,
     train_overrides,
 )
+from dpbp.predict import run_speedup
+from dpbp.simulate import Profile, predict_speedup
 
 
 def history(seconds, images):
@@ -68,12 +76,89 @@ def test_rows_speedup_efficiency_and_ceiling_use_medians():
     assert fdg["speedup"] == 2.0 and fdg["efficiency"] == 1.0
     assert ceiling["images_per_second"] == 200 and fdg["ceiling_speedup"] == 2.0
     assert fdg["efficiency_vs_ceiling"] == 1.0
+    # the spread over the repeats: fdg ran at 200, 125 and 200 images/s (the failure not counted)
+    assert (fdg["images_per_second_min"], fdg["images_per_second_max"]) == (125, 200)
+    assert fdg["spread"] == (200 - 125) / 200 and bp["spread"] == (100 - 50) / 100
+    attach_predictions([bp, fdg, ceiling], [{"algo": "fdg", "workers": 2, "speedup": 1.9,
+                                             "speedup_run": 1.8}])
     text = markdown({"config": {"model": {"name": "m"}, "data": {"name": "d"}, "batch_size": 8,
                                 "device": "cpu", "repeats": 3, "epochs": 2,
                                 "steps_per_epoch": 2, "threads": 1},
                      "machine": {"host": "h", "platform": "p", "cpus": 2, "torch": "t"},
-                     "started": "now", "rows": [bp, fdg, ceiling]})
-    assert "| fdg | 2 | 2 x 1 | 200 | 2.00× | 100% | 2.00× | 100% |" in text
+                     "started": "now", "rows": [bp, fdg, ceiling],
+                     "predictions": [{"algo": "fdg", "workers": 2, "speedup": 1.9}]})
+    assert ("| fdg | 2 | 2 x 1 | 200 | 125–200 | 2.00× | 100% | 2.00× | 100% | 1.80 | -10% "
+            "| 1.90 |") in text
+    assert ("| ceiling | 2 | 1 x 2 | 200 | 200–200 | 2.00× | 100% | 2.00× | 100% | – | – "
+            "| – |") in text
+
+
+def test_spread_is_min_max_over_the_median():
+    assert spread([]) == (None, None, None)
+    assert spread([5.0]) == (5.0, 5.0, 0.0)
+    assert spread([90.0, 100.0, 120.0]) == (90.0, 120.0, 0.3)
+
+
+def test_prediction_error_is_relative_to_the_measured_speedup():
+    measured = [{"algo": "ddg", "workers": 4, "speedup": 2.5}, {"algo": "fr", "workers": 4,
+                                                                "speedup": 2.0},
+                {"algo": "ceiling", "workers": 4, "speedup": 3.6},
+                {"algo": "fdg", "workers": 8, "speedup": None}]
+    attach_predictions(measured, [
+        {"algo": "ddg", "workers": 4, "speedup": 3.0, "speedup_run": 2.75},
+        {"algo": "fr", "workers": 4, "speedup": 2.0, "speedup_run": 1.5},
+        {"algo": "fdg", "workers": 8, "speedup": 6.0, "speedup_run": 4.0}])
+    ddg, fr, ceiling, fdg = measured
+    assert ddg["prediction_error"] == pytest.approx(0.1) and ddg["predicted_speedup"] == 3.0
+    assert fr["prediction_error"] == pytest.approx(-0.25)
+    assert ceiling["predicted_run_speedup"] is None and ceiling["prediction_error"] is None
+    assert fdg["predicted_run_speedup"] == 4.0 and fdg["prediction_error"] is None
+
+
+def test_run_length_prediction_counts_the_drain_and_not_the_fill():
+    """A bench run times epochs 2.. of short runs: the pipeline's drain is inside that window,
+    its fill is not. Long windows approach the long-run prediction."""
+    one = Profile((3.0,), (6.0,), (1.0,))
+    assert run_speedup("bp", one, steps=8, epochs=2) == pytest.approx(1.0)
+    assert run_speedup("ddp", one, steps=8, epochs=2, replicas=2) == pytest.approx(2.0)
+    two = Profile((1.5, 1.5), (3.0, 3.0), (0.5, 0.5))
+    assert run_speedup("bp", two, 8, 2) == pytest.approx(predict_speedup("bp", two))
+    # FDG, K = 2: one drain tick in a window of 8 batches; almost none in one of 1000
+    short, long = run_speedup("fdg", two, 8, 2), run_speedup("fdg", two, 1000, 2)
+    assert short == pytest.approx(16 / 9) and short < long < 2.0
+    assert long == pytest.approx(predict_speedup("fdg", two, num_batches=2000), rel=1e-3)
+    assert run_speedup("gpipe", two, 8, 3) == pytest.approx(predict_speedup("gpipe", two))
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        run_speedup("fdg", two, 8, 1)
+
+
+def test_time_budget_stops_before_a_repeat_that_would_not_fit(tmp_path, monkeypatch):
+    """Each fake case takes 10 s of a fake clock: 3 cases are 30 s a repeat. A budget of 70 s
+    runs 2 repeats (a third would end at 90 s); bench.json is written after every case."""
+    clock = [0.0]
+    written = []
+
+    def fake_case(cfg, case, repeat, out):
+        clock[0] += 10.0
+        return Measurement(case.algo, case.workers, repeat, "completed",
+                           images_per_second=100.0 * case.workers)
+
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench, "write_json", lambda result, out: written.append(
+        len(result["measurements"])))
+    monkeypatch.setattr(bench, "write_outputs", lambda result, out: None)
+    monkeypatch.setattr(bench, "machine", lambda: {})
+    cfg = {"algos": ["fdg"], "gpus": [1, 2], "ceiling": True, "repeats": 5,
+           "time_budget_s": 70, "predict": False, "device": "cpu"}
+    console = Console(file=io.StringIO())
+    result = bench.run_bench(cfg, tmp_path, console)
+    assert result["repeats_done"] == 2 and written == [1, 2, 3, 4, 5, 6]
+    assert all(r["repeats"] == 2 for r in result["rows"])
+    cfg["time_budget_s"] = 15  # spent inside the first repeat: the later cases are not started
+    clock[0], written[:] = 0.0, []
+    result = bench.run_bench(cfg, tmp_path, console)
+    assert result["repeats_done"] == 0 and [r["repeats"] for r in result["rows"]] == [1, 1, 0]
 
 
 def test_runs_get_synthetic_data_sized_to_the_epoch():
@@ -100,6 +185,11 @@ def test_bench_end_to_end(tmp_path):
     assert set(got) == {("bp", 1), ("fdg", 2), (CEILING, 2)}
     assert all(row["repeats"] == 1 and row["images_per_second"] > 0 for row in got.values())
     assert len(got[("fdg", 2)]["compute_share"]) == 2
+    fdg = got[("fdg", 2)]
+    assert fdg["images_per_second_min"] == fdg["images_per_second_max"] > 0
+    assert fdg["predicted_run_speedup"] > 0 and fdg["prediction_error"] == pytest.approx(
+        fdg["predicted_run_speedup"] / fdg["speedup"] - 1)
+    assert got[(CEILING, 2)]["prediction_error"] is None
     predicted = {(p["algo"], p["workers"]) for p in result["predictions"]}
     assert {("fdg", 2), ("fdg", 3), ("bp", 3)} <= predicted
     assert (out / "bench.md").read_text().startswith("# dpbp bench")
