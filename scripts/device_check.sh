@@ -179,13 +179,13 @@ part papers "$(at_most 60 $(( $(left) - 200 )))" "${papers_cmd[@]}" \
 cpu_limit=$(( $(left) - 20 ))
 budget=$(( cpu_limit - 60 > cpu_limit / 2 ? cpu_limit - 60 : cpu_limit / 2 ))  # room to predict
 # ResNet-20 (11 blocks: K = 8 fits), batch 128 per worker; 22 cases a repeat, each one process
-# start (3-7 s) plus 12 steps; the second repeat runs only if it fits in time_budget_s
+# start (3-7 s) plus 16 steps; the second repeat runs only if it fits in time_budget_s
 if $quick; then
   bench=('algos=[bp,ddg,fr,fdg,ddp,gpipe]' 'gpus=[1,2]' model=mlp data=synthetic
          'data.shape=[1,8,8]' batch_size=16 steps_per_epoch=2 epochs=2 repeats=1)
 else
   bench=('algos=[bp,ddg,fr,fdg,ddp,gpipe]' 'gpus=[1,2,4,8]' model=resnet20 data=synthetic
-         batch_size=128 steps_per_epoch=6 epochs=2 repeats=2 'predict_gpus=[]')
+         batch_size=128 steps_per_epoch=8 epochs=2 repeats=2 'predict_gpus=[]')
 fi
 bench+=(device=cpu threads=1 ceiling=true predict=true time_budget_s=$budget
         hydra.run.dir="$work/bench")
