@@ -24,6 +24,7 @@ from the kernel (torch sets PR_SET_PDEATHSIG), checkpoint and exit.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -144,7 +145,7 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     grace = cfg.dist.timeout_s + 15
     killed: list[int] = []
     restore = forward_signals(stop, run_dir, grace, killed)
-    lc = LaunchConfig(
+    lc = launch_config(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.gpus, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
@@ -175,6 +176,14 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         restore()
         (run_dir / STOP_FILE).unlink(missing_ok=True)
     return results.get(cfg.modules - 1)  # replica 0's last stage reports
+
+
+def launch_config(**settings: Any) -> LaunchConfig:
+    """torchelastic's LaunchConfig with the settings this torch has: shutdown_timeout and
+    signals_to_handle are newer than torch 2.4 (without them torchelastic waits its own 30 s
+    and handles every signal itself)."""
+    known = inspect.signature(LaunchConfig).parameters
+    return LaunchConfig(**{k: v for k, v in settings.items() if k in known})
 
 
 def _signum(exitcode: int | None) -> int:
