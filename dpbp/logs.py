@@ -4,8 +4,10 @@ and train.log.
 Only the process holding the last stage logs (it sees the loss). Scalars go against the epoch's
 last step *and* against training wall time: every point's `walltime` is the run's start plus the
 cumulative training seconds (evaluation and checkpoints excluded), and the evaluation at step 0
-(before any training) sits at the start itself, so TensorBoard's RELATIVE axis shows accuracy
-versus pure training time from zero and runs of different algorithms overlay directly.
+(the untrained model on the test and the training set) sits at the start itself, so every
+curve's first point is time 0 on TensorBoard's RELATIVE axis (it counts from a series' first
+point): accuracy versus pure training time, and runs of different algorithms overlay directly.
+After step 0, train/* points are averages over each epoch's batches.
 
 Tags are grouped so that what a user compares comes first (TensorBoard sorts groups by name):
 `accuracy/{test,train}`, `loss/{test,train}`, then `lr`, `moduleK/*`, `summary/*` (the run's
@@ -75,13 +77,18 @@ class RunLogger:
         if self.bar is not None:
             self.bar.stop()
 
-    def start(self, test_loss: float, test_acc: float) -> None:
-        """Log the evaluation at step 0 (the untrained model) at the start of the time axis."""
+    def start(self, initial: dict[str, float]) -> None:
+        """Log the evaluation at step 0 (the untrained model, on the training and the test set:
+        {train,test}_{loss,acc}) at the start of the time axis."""
         w, wall = self.writer, self.start_time
-        for tag, v in (("loss/test", test_loss), ("accuracy/test", test_acc),
-                       ("time/train_seconds", 0.0)):
-            w.add_scalar(tag, v, global_step=0, walltime=wall)
-        self.echo(f"epoch {0:3d}  test loss {test_loss:.4f} acc {test_acc:.4f}  (untrained)")
+        for split in ("train", "test"):
+            w.add_scalar(f"loss/{split}", initial[f"{split}_loss"], global_step=0, walltime=wall)
+            w.add_scalar(f"accuracy/{split}", initial[f"{split}_acc"], global_step=0,
+                         walltime=wall)
+        w.add_scalar("time/train_seconds", 0.0, global_step=0, walltime=wall)
+        self.echo(f"epoch {0:3d}  train loss {initial['train_loss']:.4f} acc "
+                  f"{initial['train_acc']:.4f}  test loss {initial['test_loss']:.4f} acc "
+                  f"{initial['test_acc']:.4f}  (untrained)")
 
     def epoch(self, e, seconds: float) -> None:
         """Log one epoch's numbers (an EpochLog) to TensorBoard, the console and train.log."""

@@ -64,7 +64,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_test_acc: float = 0.0
     wall_start: float = 0.0  # time.time() when the run first started: origin of the time axis
-    initial: dict[str, float] | None = None  # the evaluation at step 0: test_loss, test_acc
+    initial: dict[str, float] | None = None  # the evaluation at step 0: {train,test}_{loss,acc}
 
 
 class Runner(Protocol):
@@ -83,7 +83,7 @@ class Runner(Protocol):
     def running_loss(self) -> float | None: ...
     def before_stop(self, tick: int, stop: int) -> int: ...  # where a stop at `tick` lands
     def end_epoch(self, final: bool) -> None: ...
-    def evaluate(self) -> tuple[float, float]: ...
+    def evaluate(self, split: str = "test") -> tuple[float, float]: ...  # (loss, accuracy)
     def train_sums(self) -> torch.Tensor | None: ...  # [loss sum, correct, seen], all replicas
     def stats(self) -> list[dict[str, Any]] | None: ...
     def save(self, directory: Path, state: RunState) -> None: ...
@@ -180,12 +180,15 @@ class _Loop:
             checkpoint.commit(self.ckpt_dir, self.state, self.cfg)
 
     def evaluate_start(self) -> None:
-        """Evaluate the untrained model: the origin (time 0) of the accuracy-vs-time curves."""
+        """Evaluate the untrained model on the test and the training set: the origin (time 0)
+        of the loss and accuracy curves."""
+        train_loss, train_acc = self.runner.evaluate("train")
         test_loss, test_acc = self.runner.evaluate()
         if self.runner.reports:
-            self.state.initial = {"test_loss": test_loss, "test_acc": test_acc}
+            self.state.initial = {"train_loss": train_loss, "train_acc": train_acc,
+                                  "test_loss": test_loss, "test_acc": test_acc}
             if self.log is not None:
-                self.log.start(test_loss, test_acc)
+                self.log.start(self.state.initial)
 
     def kept(self) -> str:
         """Which checkpoint a run that stops now leaves."""

@@ -281,7 +281,7 @@ def test_real_cli_run_end_to_end(tmp_path):
         assert tag in scalars, sorted(scalars)
     # the evaluation at step 0 starts the test curves at the start of the time axis
     assert [len(scalars[t]) for t in ("accuracy/test", "loss/test", "time/train_seconds",
-                                      "loss/train", "lr")] == [3, 3, 3, 2, 2]
+                                      "loss/train", "lr")] == [3, 3, 3, 3, 2]
     assert scalars["accuracy/test"][0].value == pytest.approx(s["initial_test_acc"], rel=1e-6)
     # every point sits at start + cumulative training seconds (evaluation excluded)
     start, *walls = [e.wall_time for e in scalars["accuracy/test"]]
@@ -289,8 +289,10 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert [w - start for w in walls] == pytest.approx(seconds, abs=1e-3)
     assert t0 - 1 <= start <= walls[0]
     module_tags = [t for t in scalars if t.startswith("module1/")]
-    for tag in ("loss/train", "lr", *module_tags):
+    for tag in ("lr", *module_tags):
         assert [e.wall_time for e in scalars[tag]] == pytest.approx(walls, abs=1e-6), tag
+    assert [e.wall_time for e in scalars["loss/train"]] == pytest.approx([start, *walls],
+                                                                        abs=1e-6)
     assert [e.value for e in scalars["time/train_seconds"]] == \
         pytest.approx([0.0, *seconds], rel=1e-5)
     assert [e.value for e in scalars["accuracy/test"]][1:] == \

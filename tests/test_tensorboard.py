@@ -57,15 +57,17 @@ def test_runs_are_named_by_what_varies_in_the_sweep(sweep):
 
 
 @pytest.mark.parametrize("algo", SPLIT)
-def test_accuracy_against_training_time_starts_at_zero(sweep, algo):
+@pytest.mark.parametrize("tag", ["accuracy/test", "accuracy/train", "loss/test", "loss/train"])
+def test_curves_against_training_time_start_at_zero(sweep, algo, tag):
     run = sweep / "split" / f"algo={algo}"
     summary = json.loads((run / "summary.json").read_text())
-    acc = events(run).Scalars("accuracy/test")
-    assert [e.step for e in acc][0] == 0 and len(acc) == 4  # step 0, then 3 epochs
-    assert acc[0].value == pytest.approx(summary["initial_test_acc"], rel=1e-6)
-    relative = acc[-1].wall_time - acc[0].wall_time  # TensorBoard's RELATIVE axis
+    points = events(run).Scalars(tag)
+    assert [e.step for e in points][0] == 0 and len(points) == 4  # step 0, then 3 epochs
+    if tag == "accuracy/test":
+        assert points[0].value == pytest.approx(summary["initial_test_acc"], rel=1e-6)
+    relative = points[-1].wall_time - points[0].wall_time  # TensorBoard's RELATIVE axis
     assert relative == pytest.approx(summary["train_seconds"], rel=0.01)
-    epochs = [e.wall_time - acc[0].wall_time for e in acc[1:]]
+    epochs = [e.wall_time - points[0].wall_time for e in points[1:]]
     assert epochs == pytest.approx([h["train_seconds"] for h in summary["history"]], rel=0.01)
 
 
