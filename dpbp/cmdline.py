@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -88,18 +89,27 @@ def _missing(cfg: DictConfig, key: str) -> str | None:
 
 def run_name_overrides(args: list[str]) -> list[str]:
     """For a sweep: the Hydra override that names each run directory by the keys that vary
-    within the sweep only (none when nothing varies or the user names the runs)."""
+    within the sweep only. None when nothing varies, when the user names the runs, or when the
+    sweep goes into a directory that already holds runs (an earlier sweep's short names could
+    be this one's: Hydra's full names keep them apart)."""
     overrides, multirun = parse(args)
     if not multirun or any(o.key_or_group.startswith(("hydra.job.config.override_dirname",
                                                       "hydra.sweep.subdir")) for o in overrides):
         return []
-    shared = [o.key_or_group for o in overrides
-              if not o.is_hydra_override() and not o.is_sweep_override()]
-    if len(shared) == len([o for o in overrides if not o.is_hydra_override()]):
+    given = [o for o in overrides if o.key_or_group == "hydra.sweep.dir"]
+    if given and _holds_runs(Path(given[-1].get_value_element_as_str())):
         return []
+    app = [o for o in overrides if not o.is_hydra_override()]
+    if not any(o.is_sweep_override() for o in app):
+        return []
+    shared = [o.key_or_group for o in app if not o.is_sweep_override()]
     default = OmegaConf.load(resources.files("dpbp.conf") / "train.yaml")
     exclude = [*default.hydra.job.config.override_dirname.exclude_keys, *shared]
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
+
+
+def _holds_runs(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
 
 
 def help_text(part: str) -> str:

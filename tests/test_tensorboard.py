@@ -139,3 +139,18 @@ def test_report_prints_speedup_and_time_to_accuracy(sweep, monkeypatch, capsys):
         assert float(speedup) > 0
         assert to_target == "never" or float(to_target.split()[0]) > 0
     assert not any(line.startswith("No baseline") for line in out)
+
+
+def test_short_names_only_where_they_cannot_collide(tmp_path):
+    from dpbp.cmdline import run_name_overrides
+
+    exclude = "hydra.job.config.override_dirname.exclude_keys="
+    [named] = run_name_overrides(["-m", "algo=bp,ddg", "gpus=2", "device=cpu"])
+    assert named.startswith(exclude) and named.endswith(",gpus,device]")
+    assert run_name_overrides(["algo=bp", "gpus=2"]) == []  # one run: hydra.run.dir names it
+    assert run_name_overrides(["-m", "algo=bp", "gpus=2"]) == []  # nothing varies
+    assert run_name_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=s${seed}"]) == []
+    # a second sweep into a directory with runs: another sweep's "seed=0" may be there already
+    (tmp_path / "seed=0").mkdir()
+    assert run_name_overrides(["-m", "algo=ddg", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]) == []
+    assert run_name_overrides(["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'new'}"]) != []
