@@ -30,16 +30,17 @@ USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 commands:
   train   train a model with any algo (a Hydra app: overrides, -m sweeps, --help, --cfg)
   bench   timed short runs of each algo on 1..W workers: speedup, efficiency, ceiling, memory
-  report  the accuracy/speed table of runs or sweeps, from their summary.json files
+  report  the accuracy/speed table of runs or sweeps against BP, from their summary.json files
   schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule fdg 3)
 
 examples:
   dpbp train                                       ResNet-20 on digits on the CPU
   dpbp train algo=fdg gpus=2 device=cpu            FDG, 2 modules in 2 processes
-  dpbp train -m algo=bp,ddg,fdg gpus=2,4           a sweep; then: tensorboard --logdir multirun
+  dpbp train -m algo=bp,ddg,fdg gpus=1,2           a sweep, BP on 1 worker (the baseline) in it
+  tensorboard --logdir multirun/<date>/<time>      its runs, named by what varies
   dpbp train --help                                config groups and keys
   dpbp bench gpus=[1,2] predict=true               speedup of every algo over BP, measured
-  dpbp report multirun/<date>/<time>               mean ± std over seeds, gap to BP
+  dpbp report multirun/<date>/<time>               speedup and time to accuracy against BP
 """
 
 _job_failed = False  # set when our own task function fails, to tell it from Hydra's own errors
@@ -179,7 +180,10 @@ def train_app(cfg: DictConfig) -> float | None:
         sys.exit(1)
     if summary is None:
         return None
-    echo(run_dir, summary_table(summary), f"run directory: {run_dir}")
+    sweep = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    echo(run_dir, summary_table(summary), f"run directory: {run_dir}" + (
+        f" (compare the sweep: tensorboard --logdir {sweep}; dpbp report {sweep})" if sweep
+        else ""))
     return summary["final_test_acc"]
 
 

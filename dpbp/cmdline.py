@@ -109,7 +109,8 @@ def run_name_overrides(args: list[str]) -> list[str]:
 
 
 def _holds_runs(folder: Path) -> bool:
-    return folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
+    """Whether a sweep directory already has run directories (Hydra's .hydra/ in them)."""
+    return folder.is_dir() and any((p / ".hydra").is_dir() for p in folder.iterdir())
 
 
 def help_text(part: str) -> str:

@@ -151,6 +151,7 @@ def test_short_names_only_where_they_cannot_collide(tmp_path):
     assert run_name_overrides(["-m", "algo=bp", "gpus=2"]) == []  # nothing varies
     assert run_name_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=s${seed}"]) == []
     # a second sweep into a directory with runs: another sweep's "seed=0" may be there already
-    (tmp_path / "seed=0").mkdir()
+    (tmp_path / "bp1" / "seed=0" / ".hydra").mkdir(parents=True)  # a baseline's sweep: no runs
+    assert run_name_overrides(["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]) != []
+    (tmp_path / "seed=0" / ".hydra").mkdir(parents=True)
     assert run_name_overrides(["-m", "algo=ddg", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]) == []
-    assert run_name_overrides(["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'new'}"]) != []
