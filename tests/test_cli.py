@@ -254,6 +254,11 @@ def test_real_cli_run_end_to_end(tmp_path):
                 "trainer.epochs=2", "seed=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
+    # not a terminal: each epoch still one line, on the console and in train.log
+    epochs = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == 3 and all(ln.endswith("img/s") for ln in epochs[1:]), r.stderr
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert [ln for ln in log if ln.startswith("epoch ")] == epochs
 
     s = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
