@@ -100,10 +100,12 @@ class Group:
 
     @property
     def num_seeds(self) -> int:
+        """Distinct seeds (identical runs count once)."""
         return len({r.get("seed") for r in self.runs})
 
     @property
     def reference(self) -> bool:
+        """Whether this is a baseline: the reference algorithm on one worker."""
         return self.algo == algos.reference().name and self.modules * self.replicas == 1
 
     def match_key(self) -> tuple:
@@ -308,6 +310,7 @@ def _to_target(r: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], lines_after: list[str]) -> str:
+    """The table as markdown, then the notes on the baselines (one paragraph each)."""
     head = ("| data | model | device | algo | K | settings | epochs | seeds | final test acc % "
             "| best test acc % | final − BP (points) | images/s (median) | speedup × "
             "| train s (median) | s to BP final − 1 pt | speedup to BP final − 1 pt × "
@@ -335,6 +338,7 @@ CSV_COLUMNS = ["data", "model", "device", "algo", "modules", "replicas", "epochs
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The table as CSV (CSV_COLUMNS; accuracies as fractions, mean and std apart)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
