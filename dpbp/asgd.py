@@ -294,13 +294,13 @@ class ThreadsRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
         if not self.reports:  # the devices hold the same weights after the epoch's average
             return float("nan"), float("nan")
         totals = Totals()
         with torch.no_grad():
             self.model.eval()
-            for x, y in test_batches(self.data, self.cfg.trainer.eval_batch_size):
+            for x, y in test_batches(self.data, self.cfg.trainer.eval_batch_size, split):
                 totals.add(self.model(x), y)
             self.model.train()
         return totals.result()

@@ -376,7 +376,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Speedup over BP on one worker vs workers, one line per algo, with the ideal W× and the
-    machine's ceiling; predictions dotted."""
+    machine's ceiling; measured points solid with o, predictions dotted with x (in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,19 +393,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
             pts = [(1, 1.0), *pts] if pts and pts[0][0] > 1 else pts
         if not pts:
             continue
-        style = {"color": "grey", "marker": "s", "ls": ":"} if algo == CEILING else {"marker": "o"}
-        line = ax.plot(*zip(*pts), label=f"{algo} (measured)" if algo != CEILING
+        style = {"color": "grey", "marker": "s", "ls": "-."} if algo == CEILING else {"marker": "o"}
+        line = ax.plot(*zip(*pts), label=algo if algo != CEILING
                        else "ceiling: W independent BP", **style)[0]
         pred = [(p["workers"], p["speedup"]) for p in result.get("predictions", [])
                 if p["algo"] == algo]
         if pred:
             ax.plot(*zip(*pred), ls=":", marker="x", color=line.get_color(), alpha=0.7)
+    if result.get("predictions"):  # the two kinds of point, named once in the legend
+        ax.plot([], [], "ko-", label="measured (o, solid)")
+        ax.plot([], [], "kx:", alpha=0.7, label="predicted by the simulator (x, dotted)")
     ax.set_xlabel("workers (processes / devices)")
     ax.set_ylabel("speedup over BP on 1 worker")
     ax.set_xticks(workers)
     cfg = result["config"]
     ax.set_title(f"{cfg['model']['name']}, {cfg['data']['name']}, batch {cfg['batch_size']}, "
-                 f"{cfg['device']}" + (" (x: predicted)" if result.get("predictions") else ""),
+                 f"{cfg['device']}",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

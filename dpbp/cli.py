@@ -21,6 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from dpbp import cmdline
+from dpbp.cmdline import GROUPS
 from dpbp.errors import ConfigError, Interrupted
 
 USAGE = """usage: dpbp <command> [KEY=VALUE ...]
@@ -28,19 +30,19 @@ USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 commands:
   train   train a model with any algo (a Hydra app: overrides, -m sweeps, --help, --cfg)
   bench   timed short runs of each algo on 1..W workers: speedup, efficiency, ceiling, memory
-  report  the accuracy/speed table of runs or sweeps, from their summary.json files
+  report  the accuracy/speed table of runs or sweeps against BP, from their summary.json files
   schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule fdg 3)
 
 examples:
   dpbp train                                       ResNet-20 on digits on the CPU
   dpbp train algo=fdg gpus=2 device=cpu            FDG, 2 modules in 2 processes
-  dpbp train -m algo=bp,ddg,fdg gpus=2,4           a sweep; then: tensorboard --logdir multirun
+  dpbp train -m algo=bp,ddg,fdg gpus=1,2           a sweep, BP on 1 worker (the baseline) in it
+  tensorboard --logdir multirun/<date>/<time>      its runs, named by what varies
   dpbp train --help                                config groups and keys
   dpbp bench gpus=[1,2] predict=true               speedup of every algo over BP, measured
-  dpbp report multirun/<date>/<time>               mean ± std over seeds, gap to BP
+  dpbp report multirun/<date>/<time>               speedup and time to accuracy against BP
 """
 
-GROUPS = ("algo", "model", "data", "optim", "sched", "experiment")
 _job_failed = False  # set when our own task function fails, to tell it from Hydra's own errors
 
 
@@ -95,10 +97,32 @@ def check_output_dir(args: list[str]) -> None:
 
 def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "failed") -> None:
     """summary.json for a run that did not complete, with the line the user sees."""
-    from dpbp.logs import write_summary
+    from dpbp.logs import append_log, write_summary
 
     write_summary(run_dir, {"status": status, "error": error,
                             "config": OmegaConf.to_container(cfg, resolve=True)})
+    append_log(run_dir, f"dpbp: {'run failed: ' if status == 'failed' else ''}{error}")
+
+
+def discard_rejected(run_dir: Path) -> None:
+    """Remove the directory Hydra made for a command dpbp rejected (exit 2), unless it holds
+    more than Hydra's own files (a resumed run's checkpoints); then the <date>/<time> folders
+    above it, and the default outputs/ root, that are left empty (a sweep keeps its runs)."""
+    import shutil
+
+    def hydra_only(folder: Path) -> bool:  # Hydra's config, its job log, a sweep's record
+        return all(p.name in (".hydra", "multirun.yaml") or p.suffix == ".log"
+                   for p in folder.iterdir())
+
+    if not run_dir.is_dir() or not hydra_only(run_dir):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        dated = re.match(r"\d{2,4}-\d{2}-\d{2}", parent.name)  # or the default root, empty
+        if not (dated or parent.name in ("outputs", "multirun", "bench")) or \
+                not hydra_only(parent):
+            break
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
@@ -121,11 +145,9 @@ def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
 def train_app(cfg: DictConfig) -> float | None:
     """The `dpbp train` Hydra job: resolve, validate, launch, print the summary."""
     global _job_failed
-    from rich.console import Console
-
     from dpbp.config import from_dict, validate
     from dpbp.launch import launch
-    from dpbp.logs import summary_table
+    from dpbp.logs import echo, summary_table
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -134,6 +156,7 @@ def train_app(cfg: DictConfig) -> float | None:
         summary = launch(rc, run_dir)
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
+        discard_rejected(run_dir)
         sys.exit(2)
     except Interrupted as e:  # stopped at an agreed tick, after a checkpoint there
         _job_failed = True
@@ -157,8 +180,10 @@ def train_app(cfg: DictConfig) -> float | None:
         sys.exit(1)
     if summary is None:
         return None
-    Console(stderr=True).print(summary_table(summary))
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    sweep = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    echo(run_dir, summary_table(summary), f"run directory: {run_dir}" + (
+        f" (compare the sweep: tensorboard --logdir {sweep}; dpbp report {sweep})" if sweep
+        else ""))
     return summary["final_test_acc"]
 
 
@@ -177,11 +202,13 @@ def bench_app(cfg: DictConfig) -> None:
     if bad or not plain["algos"]:
         print(f"dpbp: unknown algo {bad[0] if bad else '(none given)'} in algos; choose from "
               f"{', '.join(algos.names())}.", file=sys.stderr)
+        discard_rejected(out)
         sys.exit(2)
     if any(not isinstance(w, int) or w < 1 for w in plain["gpus"]) or plain["epochs"] < 2 \
             or min(plain["repeats"], plain["steps_per_epoch"], plain["batch_size"]) < 1:
         print("dpbp: bench needs gpus >= 1 each, epochs >= 2 (the first is the warm-up), and "
               "repeats, steps_per_epoch, batch_size >= 1.", file=sys.stderr)
+        discard_rejected(out)
         sys.exit(2)
     console = Console(stderr=True)
     result = run_bench(plain, out, console)
@@ -207,8 +234,8 @@ def print_schedule(args: list[str]) -> int:
         return 2
     algo, k = args[0], int(args[1])
     batches = int(args[2]) if len(args) == 3 else 2 * k + 2
-    print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step; >A/<A send/receive an "
-          "activation, >G/<G an error gradient; stage s is module s+1")
+    print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step; stage s is module s+1;\n"
+          ">A/<A send/receive an activation, >G/<G an error gradient")
     print(format_table(algo, k, batches))
     return 0
 
@@ -235,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_group_overrides(rest)
         check_output_dir(rest)
+        if command == "train":
+            cmdline.check_keys(rest)
+            rest = [*rest, *cmdline.run_name_overrides(rest)]
+            cmdline.register_help()
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         return 2

@@ -125,7 +125,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+def unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    """The one sentence for a misspelled setting: `where` is its section ("config": top level),
+    `valid` the section's keys; names the closest one when there is one."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {where}.{close[0]}?)" if close and where != "config" else \
         (f" (did you mean {close[0]}?)" if close else "")
@@ -139,7 +141,7 @@ def _check_known(cls: type, values: dict[str, Any], where: str) -> None:
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise _unknown_key(where, unknown[0], fields)
+        raise unknown_key(where, unknown[0], fields)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -176,17 +176,19 @@ def train_batch(
     return normalize(x, ds.mean, ds.std), y
 
 
-def test_batches(ds: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every test sample exactly once, in order, normalized and not augmented.
+def test_batches(ds: Dataset, batch_size: int,
+                 split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every test sample (or, split="train", training sample) exactly once, in order,
+    normalized and not augmented.
 
     The last batch may be smaller: padding or repeating samples would bias the test accuracy.
     """
     if batch_size <= 0:
         raise ConfigError(f"the evaluation batch size must be positive, got {batch_size}.")
-    n = ds.test_x.shape[0]
-    for start in range(0, n, batch_size):
-        x = ds.test_x[start : start + batch_size]
-        yield normalize(x, ds.mean, ds.std), ds.test_y[start : start + batch_size]
+    xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
+    for start in range(0, xs.shape[0], batch_size):
+        x = xs[start : start + batch_size]
+        yield normalize(x, ds.mean, ds.std), ys[start : start + batch_size]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,18 @@
-"""What a run shows: a rich progress bar and summary table, TensorBoard scalars and hparams.
+"""What a run shows: a rich progress bar and summary table, TensorBoard scalars and hparams,
+and train.log.
 
 Only the process holding the last stage logs (it sees the loss). Scalars go against the epoch's
 last step *and* against training wall time: every point's `walltime` is the run's start plus the
-cumulative training seconds (evaluation and checkpoints excluded), so TensorBoard's RELATIVE axis
-shows accuracy versus pure training time and runs of different algorithms overlay directly.
+cumulative training seconds (evaluation and checkpoints excluded), and the evaluation at step 0
+(the untrained model on the test and the training set) sits at the start itself, so every
+curve's first point is time 0 on TensorBoard's RELATIVE axis (it counts from a series' first
+point): accuracy versus pure training time, and runs of different algorithms overlay directly.
+After step 0, train/* points are averages over each epoch's batches.
+
+Tags are grouped so that what a user compares comes first (TensorBoard sorts groups by name):
+`accuracy/{test,train}`, `loss/{test,train}`, then `lr`, `moduleK/*`, `summary/*` (the run's
+totals, for the HParams tab: hparams.py), `throughput/*`, `time/*`. Console lines also go to
+the run directory's train.log, uncoloured and never wrapped.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dpbp.config import flatten
+from dpbp import hparams
+
+_PLAIN = {"highlight": False, "markup": False, "emoji": False}  # print text as it is
 
 
 class RunLogger:
@@ -37,7 +48,7 @@ class RunLogger:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.steps, self.batch = steps_per_epoch, cfg.trainer.batch_size
-        self.start = start
+        self.start_time = start
         self.wall: float | None = None  # the last epoch's point on the training-time axis
         self.writer = SummaryWriter(str(run_dir), flush_secs=30)
         self.console = Console(stderr=True)
@@ -66,22 +77,38 @@ class RunLogger:
         if self.bar is not None:
             self.bar.stop()
 
+    def start(self, initial: dict[str, float]) -> None:
+        """Log the evaluation at step 0 (the untrained model, on the training and the test set:
+        {train,test}_{loss,acc}) at the start of the time axis."""
+        w, wall = self.writer, self.start_time
+        for split in ("train", "test"):
+            w.add_scalar(f"loss/{split}", initial[f"{split}_loss"], global_step=0, walltime=wall)
+            w.add_scalar(f"accuracy/{split}", initial[f"{split}_acc"], global_step=0,
+                         walltime=wall)
+        w.add_scalar("time/train_seconds", 0.0, global_step=0, walltime=wall)
+        self.echo(f"epoch {0:3d}  train loss {initial['train_loss']:.4f} acc "
+                  f"{initial['train_acc']:.4f}  test loss {initial['test_loss']:.4f} acc "
+                  f"{initial['test_acc']:.4f}  (untrained)")
+
     def epoch(self, e, seconds: float) -> None:
-        """Log one epoch's numbers (an EpochLog) to TensorBoard and the console."""
+        """Log one epoch's numbers (an EpochLog) to TensorBoard, the console and train.log."""
         step = e.epoch * self.steps
-        wall = self.wall = self.start + e.train_seconds
+        wall = self.wall = self.start_time + e.train_seconds
         w = self.writer
-        for tag, v in (("train/loss", e.train_loss), ("train/acc", e.train_acc),
-                       ("test/loss", e.test_loss), ("test/acc", e.test_acc), ("lr", e.lr),
+        for tag, v in (("loss/train", e.train_loss), ("accuracy/train", e.train_acc),
+                       ("loss/test", e.test_loss), ("accuracy/test", e.test_acc), ("lr", e.lr),
                        ("time/train_seconds", e.train_seconds),
                        ("throughput/images_per_second", e.images / max(seconds, 1e-9))):
             w.add_scalar(tag, v, global_step=step, walltime=wall)
-        line = (f"epoch {e.epoch:3d}  train loss {e.train_loss:.4f} acc {e.train_acc:.4f}  "
-                f"test loss {e.test_loss:.4f} acc {e.test_acc:.4f}  lr {e.lr:.4g}  "
-                f"{e.images / max(seconds, 1e-9):.0f} img/s")
-        self.console.print(line, highlight=False)
+        self.echo(f"epoch {e.epoch:3d}  train loss {e.train_loss:.4f} acc {e.train_acc:.4f}  "
+                  f"test loss {e.test_loss:.4f} acc {e.test_acc:.4f}  lr {e.lr:.4g}  "
+                  f"{e.images / max(seconds, 1e-9):.0f} img/s")
         if self.bar is not None:
             self.bar.update(self.task, epoch=min(e.epoch + 1, self.epochs))
+
+    def echo(self, line: str) -> None:
+        """One line to the console (above the progress bar) and to train.log."""
+        echo(self.run_dir, line, console=self.console)
 
     def stages(self, epoch: int, stats: list[dict[str, Any]], ticks: int) -> None:
         """Per-module compute and idle time per tick (cumulative to this epoch) and memory."""
@@ -101,15 +128,24 @@ class RunLogger:
                                        step, walltime=wall)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        metrics = {f"hparam/{k}": summary[k] for k in
-                   ("final_test_acc", "best_test_acc", "final_test_loss", "train_seconds",
-                    "images_per_second")}
-        # hparams take bool/int/float/str only: lists become strings, None "null"
-        hp = {k: v if isinstance(v, (bool, int, float, str)) else ("null" if v is None else str(v))
-              for k, v in flatten(summary["config"]).items()
-              if not k.startswith(("trainer.progress", "trainer.check_every"))}
-        self.writer.add_hparams(hp, metrics, run_name=".")
+        """The run's HParams row and totals (hparams.py), at its last step; close the files."""
+        hparams.write(self.writer, summary, self.steps * summary["epochs"], self.wall)
         self.writer.close()
+
+
+def echo(run_dir: Path | None, *objects: Any, console: Console | None = None) -> None:
+    """Print rich objects (plain lines, tables) to stderr, and append them to RUN_DIR/train.log:
+    the log holds what the console showed."""
+    (console or Console(stderr=True)).print(*objects, soft_wrap=True, **_PLAIN)
+    if run_dir is not None:
+        append_log(run_dir, *objects)
+
+
+def append_log(run_dir: Path, *objects: Any) -> None:
+    """Append rich objects to RUN_DIR/train.log, uncoloured and never wrapped."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as f:
+        Console(file=f, width=200, color_system=None).print(*objects, soft_wrap=True, **_PLAIN)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
@@ -137,9 +173,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
                                   f"{summary['best_test_acc']:.4f}"),
         ("final test loss", f"{summary['final_test_loss']:.4f}"),
         ("train seconds", f"{summary['train_seconds']:.1f}"),
+        ("seconds to final acc - 1 point", _seconds(summary.get("seconds_to_final_minus_1pt"))),
         ("images/s", f"{summary['images_per_second']:.0f}"),
         ("peak memory per module (MiB)", mib),
     ]
     for k, v in rows:
         t.add_row(k, v)
     return t
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

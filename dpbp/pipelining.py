@@ -107,10 +107,10 @@ class PipeliningRunner:
             torch.cuda.synchronize(self.device)
         dist.barrier()  # the epoch ends when every module has stepped its last batch
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
         totals = Totals()
         self.link.evaluate(self.evaluator, test_batches(self.data,
-                                                        self.cfg.trainer.eval_batch_size),
+                                                        self.cfg.trainer.eval_batch_size, split),
                            totals)
         return totals.result() if self.reports else (float("nan"), float("nan"))
 

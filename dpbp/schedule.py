@@ -166,8 +166,10 @@ def program(
     ]
 
 
-def format_table(algo: str, num_stages: int, num_batches: int, ticks: int | None = None) -> str:
-    """A stage x tick table of the schedule, for debugging and the docs."""
+def format_table(algo: str, num_stages: int, num_batches: int, ticks: int | None = None,
+                 width: int = 100) -> str:
+    """A stage x tick table of the schedule, for debugging and the docs; ticks that do not fit
+    in `width` columns continue in another block below (a blank line between blocks)."""
     end = num_ticks(algo, num_stages, num_batches)
     ticks = end if ticks is None else ticks
     cells = [
@@ -175,7 +177,13 @@ def format_table(algo: str, num_stages: int, num_batches: int, ticks: int | None
          for t in range(ticks)]
         for s in range(num_stages)
     ]
-    width = max(4, *(len(c) for row in cells for c in row))
-    head = "stage | " + " | ".join(f"t={t}".ljust(width) for t in range(ticks))
-    rows = [f"{s:5d} | " + " | ".join(c.ljust(width) for c in row) for s, row in enumerate(cells)]
-    return "\n".join([head, *rows])
+    col = max(4, *(len(c) for row in cells for c in row))
+    per_block = max(1, (width - len("stage | ") + 3) // (col + 3))  # the last cell has no " | "
+    blocks = []
+    for first in range(0, ticks, per_block):
+        span = range(first, min(first + per_block, ticks))
+        head = "stage | " + " | ".join(f"t={t}".ljust(col) for t in span)
+        rows = [f"{s:5d} | " + " | ".join(row[t].ljust(col) for t in span)
+                for s, row in enumerate(cells)]
+        blocks.append("\n".join(line.rstrip() for line in (head, *rows)))
+    return "\n\n".join(blocks)

@@ -141,8 +141,9 @@ class TickRunner:
             for s in self.stages:
                 s.drop_pending()  # gradients that would arrive after the last tick
 
-    def evaluate(self) -> tuple[float, float]:
-        return self.grid.evaluate(test_batches(self.data, self.cfg.trainer.eval_batch_size))
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
+        return self.grid.evaluate(test_batches(self.data, self.cfg.trainer.eval_batch_size,
+                                               split))
 
     def train_sums(self) -> torch.Tensor | None:
         if not self.stages[-1].last:

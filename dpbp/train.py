@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dpbp import algos, checkpoint
+from dpbp import algos, checkpoint, time_to_acc
 from dpbp.allocator import keep_freed_memory
 from dpbp.build import WorkerContext
 from dpbp.config import RunConfig
@@ -65,6 +65,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_test_acc: float = 0.0
     wall_start: float = 0.0  # time.time() when the run first started: origin of the time axis
+    initial: dict[str, float] | None = None  # the evaluation at step 0: {train,test}_{loss,acc}
 
 
 class Runner(Protocol):
@@ -83,7 +84,7 @@ class Runner(Protocol):
     def running_loss(self) -> float | None: ...
     def before_stop(self, tick: int, stop: int) -> int: ...  # where a stop at `tick` lands
     def end_epoch(self, final: bool) -> None: ...
-    def evaluate(self) -> tuple[float, float]: ...
+    def evaluate(self, split: str = "test") -> tuple[float, float]: ...  # (loss, accuracy)
     def train_sums(self) -> torch.Tensor | None: ...  # [loss sum, correct, seen], all replicas
     def stats(self) -> list[dict[str, Any]] | None: ...
     def save(self, directory: Path, state: RunState) -> None: ...
@@ -148,6 +149,8 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
                           state.wall_start) if logger_factory and runner.reports else None)
     loop = _Loop(cfg, run_dir, runner, plan, state, control, log)
     try:
+        if state.epoch == 0 and state.tick == 0:
+            loop.evaluate_start()
         for epoch in range(state.epoch, plan.epochs):
             loop.epoch(epoch)
         stats = runner.stats()
@@ -177,6 +180,17 @@ class _Loop:
         self.runner.sync()  # every part is on disk before run.pt names their tick
         if self.runner.reports:
             checkpoint.commit(self.ckpt_dir, self.state, self.cfg)
+
+    def evaluate_start(self) -> None:
+        """Evaluate the untrained model on the test and the training set: the origin (time 0)
+        of the loss and accuracy curves."""
+        train_loss, train_acc = self.runner.evaluate("train")
+        test_loss, test_acc = self.runner.evaluate()
+        if self.runner.reports:
+            self.state.initial = {"train_loss": train_loss, "train_acc": train_acc,
+                                  "test_loss": test_loss, "test_acc": test_acc}
+            if self.log is not None:
+                self.log.start(self.state.initial)
 
     def kept(self) -> str:
         """Which checkpoint a run that stops now leaves."""
@@ -294,6 +308,8 @@ def finish_run(cfg: RunConfig, run_dir: Path, log, state: RunState, ctx: WorkerC
         "final_train_loss": final["train_loss"],
         "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9),
+        "initial_test_acc": None if state.initial is None else state.initial["test_acc"],
+        **time_to_acc.summary_keys(state.history, state.initial and state.initial["test_acc"]),
         "resume_guarantee": rec.RESUME[rec.resume],
         **dict.fromkeys(FAMILY_KEYS),
         **runner.summary(stats),

@@ -6,6 +6,7 @@ in a subprocess, to check what a user's shell sees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from dpbp import cli
+from dpbp import algos, cli
 from dpbp.config import from_dict, validate
 from dpbp.models import build_blocks
 
@@ -85,6 +86,10 @@ BAD_INPUT = [
     (["gpus=2", "executor=local", "split.balance=[5,7]"], "sums to 12"),
     (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
     (["hydra.run.dir={file}/run"], "is not a directory"),
+    # dpbp's sentence, not Hydra's advice to append the key
+    (["trainer.epoch=2"], "unknown setting trainer.epoch (did you mean trainer.epochs?)"),
+    (["epochs=2"], "unknown setting epochs; valid keys of config are algo, data"),
+    (["algo=bp", "algo.beta=0.5"], "valid keys of algo are name, replicas (with algo=bp)"),
 ]
 
 
@@ -102,7 +107,7 @@ def test_bad_input_exits_2_with_one_line(overrides, words, tmp_path, monkeypatch
     out, err = capsys.readouterr()
     line = assert_one_line_error(rc, out, err)
     assert words in line
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+    assert not run_dir.exists()  # a rejected command leaves nothing behind
 
 
 def test_unknown_key_is_hydras_error_mapped_to_2(tmp_path, monkeypatch, capsys):
@@ -113,8 +118,18 @@ def test_unknown_key_is_hydras_error_mapped_to_2(tmp_path, monkeypatch, capsys):
 
 def test_an_earlier_failure_does_not_turn_hydra_errors_into_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_job_failed", True)  # as left by a failed run in this process
-    rc = call_main(["train", "trainer.foo=1", f"hydra.run.dir={tmp_path}"], monkeypatch)
+    rc = call_main(["train", "+trainer.epochs=1", f"hydra.run.dir={tmp_path}"], monkeypatch)
     assert rc == 2
+    assert "trainer.epochs" in capsys.readouterr().err  # Hydra's own message: the key exists
+
+
+def test_a_misspelled_key_in_a_sweep_names_the_choice_without_it(tmp_path, monkeypatch, capsys):
+    rc = call_main(["train", "-m", "algo=fdg,ddg", "algo.beta=0.5",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], monkeypatch)
+    line = assert_one_line_error(rc, *capsys.readouterr())
+    assert line == ("dpbp: unknown setting algo.beta; valid keys of algo are name, replicas, "
+                    "weights (with algo=ddg).")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_unknown_command(monkeypatch, capsys):
@@ -181,6 +196,17 @@ def test_train_help_lists_the_config_groups(monkeypatch, capsys):
         line = next(ln for ln in groups.splitlines() if ln.startswith(f"{group}: "))
         assert set(line.split(": ")[1].split(", ")) == set(cli.group_options(group))
     assert "algo: bp, ddg, ddp, dp_fdg, fdg, fr, gpipe, hogwild, pdasgd" in groups
+    # train.yaml's keys with their comments, and every algorithm's own keys with theirs
+    keys = out.split("== Config ==")[1].split("== Algorithms ==")[0]
+    assert "  epochs: 30\n" in keys and "# cap on training batches (smoke runs)" in keys
+    algo_text = out.split("== Algorithms ==")[1]
+    for name in algos.names():
+        section = algo_text.split(f"--- algo={name} ---")[1].split("--- algo=")[0]
+        options = algos.get(name).options
+        for f in dataclasses.fields(options):
+            assert f"{f.name}:" in section, (name, f.name)
+    assert "beta: 0.5" in algo_text and "# gpipe | 1f1b" in algo_text
+    assert "replicas: ${gpus}" in algo_text  # Hydra's template left the interpolation as it is
 
 
 def test_cfg_job_prints_the_whole_config(monkeypatch, capsys):
@@ -228,6 +254,11 @@ def test_real_cli_run_end_to_end(tmp_path):
                 "trainer.epochs=2", "seed=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
+    # not a terminal: each epoch still one line, on the console and in train.log
+    epochs = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == 3 and all(ln.endswith("img/s") for ln in epochs[1:]), r.stderr
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert [ln for ln in log if ln.startswith("epoch ")] == epochs
 
     s = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
@@ -251,24 +282,31 @@ def test_real_cli_run_end_to_end(tmp_path):
     assert not list(run_dir.rglob("*.tmp"))
 
     scalars = read_scalars(run_dir)
-    for tag in ("test/acc", "train/loss", "lr", "time/train_seconds"):
+    for tag in ("accuracy/test", "loss/train", "lr", "time/train_seconds"):
         assert tag in scalars, sorted(scalars)
-        assert len(scalars[tag]) == 2
+    # the evaluation at step 0 starts the test curves at the start of the time axis
+    assert [len(scalars[t]) for t in ("accuracy/test", "loss/test", "time/train_seconds",
+                                      "loss/train", "lr")] == [3, 3, 3, 3, 2]
+    assert scalars["accuracy/test"][0].value == pytest.approx(s["initial_test_acc"], rel=1e-6)
     # every point sits at start + cumulative training seconds (evaluation excluded)
-    walls = [e.wall_time for e in scalars["test/acc"]]
+    start, *walls = [e.wall_time for e in scalars["accuracy/test"]]
     seconds = [h["train_seconds"] for h in history]
-    assert walls[1] - walls[0] == pytest.approx(seconds[1] - seconds[0], abs=1e-3)
-    start = walls[0] - seconds[0]
+    assert [w - start for w in walls] == pytest.approx(seconds, abs=1e-3)
     assert t0 - 1 <= start <= walls[0]
     module_tags = [t for t in scalars if t.startswith("module1/")]
-    for tag in ("train/loss", "lr", "time/train_seconds", *module_tags):
+    for tag in ("lr", *module_tags):
         assert [e.wall_time for e in scalars[tag]] == pytest.approx(walls, abs=1e-6), tag
-    assert [e.value for e in scalars["time/train_seconds"]] == pytest.approx(seconds, rel=1e-5)
-    assert [e.value for e in scalars["test/acc"]] == \
+    assert [e.wall_time for e in scalars["loss/train"]] == pytest.approx([start, *walls],
+                                                                        abs=1e-6)
+    assert [e.value for e in scalars["time/train_seconds"]] == \
+        pytest.approx([0.0, *seconds], rel=1e-5)
+    assert [e.value for e in scalars["accuracy/test"]][1:] == \
         pytest.approx([h["test_acc"] for h in history], rel=1e-6)
     steps = 1437 // 64  # digits images per epoch at the default batch size
     assert s["steps"] == 2 * steps
-    assert [e.step for e in scalars["test/acc"]] == [steps, 2 * steps]
+    assert [e.step for e in scalars["accuracy/test"]] == [0, steps, 2 * steps]
+    assert set(s["seconds_to_acc"]) == {"0.5", "0.8", "0.9", "0.95", "0.99"}
+    assert s["seconds_to_final_minus_1pt"] in seconds
 
 
 @pytest.mark.slow

@@ -128,3 +128,13 @@ def test_carried_is_what_is_in_flight_between_two_ticks(algo, k):
     anything = any(schedule.carried(algo, s, k, t, nb, end) for s in range(k)
                    for t in range(end))
     assert anything == (algo != "bp" and k > 1)  # bp finishes each batch within its tick
+
+
+def test_format_table_fits_100_columns_in_blocks_of_ticks():
+    table = schedule.format_table("fdg", 3, 8)
+    assert max(len(line) for line in table.splitlines()) <= 100
+    blocks = table.split("\n\n")
+    assert len(blocks) > 1 and all(len(b.splitlines()) == 4 for b in blocks)
+    heads = [b.splitlines()[0] for b in blocks]
+    ticks = [int(c.strip()[2:]) for h in heads for c in h.split("|")[1:]]
+    assert ticks == list(range(schedule.num_ticks("fdg", 3, 8)))  # every tick, once, in order
