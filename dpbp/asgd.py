@@ -152,6 +152,69 @@ def average_parameters(model: nn.Module, world: int, group=None) -> None:
         p.copy_(avg)
 
 
+class _Span:
+    """The threads of one span of batches: forwards feed a bounded queue, backwards drain it,
+    an averaging thread (world > 1) all-reduces the parameters at its marks."""
+
+    def __init__(self, sgd: AsyncSGD, feed, batches: range, forward_threads: int,
+                 backward_threads: int, average_every: int, world: int) -> None:
+        self.sgd, self.feed, self.world = sgd, feed, world
+        self.it, self.take = iter(batches), threading.Lock()
+        self.q: queue.Queue = queue.Queue(maxsize=backward_threads)
+        self.errors: list[BaseException] = []
+        self.stop = object()
+        self.forwards_left, self.backward_threads = forward_threads, backward_threads
+        self.start_steps = sgd.steps
+        # local steps (from the start of `batches`) after which to average
+        self.marks = [m - batches.start for m in range(batches.start + 1, batches.stop + 1)
+                      if m % average_every == 0]
+
+    def fail(self, e: BaseException) -> None:
+        self.errors.append(e)
+        with self.sgd.stepped:  # wake the averaging thread: it must not wait for steps forever
+            self.sgd.stepped.notify_all()
+
+    def forward_loop(self) -> None:
+        try:
+            shell = self.sgd.shell()
+            while True:
+                with self.take:
+                    b = next(self.it, None)
+                if b is None or self.errors:
+                    break
+                self.q.put(self.sgd.forward(shell, self.feed.inputs(b), self.feed.labels(b)))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            self.fail(e)
+        finally:
+            with self.take:
+                self.forwards_left -= 1
+                if self.forwards_left == 0:
+                    for _ in range(self.backward_threads):
+                        self.q.put(self.stop)
+
+    def backward_loop(self) -> None:
+        while (item := self.q.get()) is not self.stop:
+            if self.errors:
+                continue  # drain the queue so the forward threads can finish
+            try:
+                self.sgd.backward(item)
+            except BaseException as e:  # noqa: BLE001
+                self.fail(e)
+
+    def average_loop(self) -> None:
+        sgd = self.sgd
+        try:
+            for mark in self.marks:
+                with sgd.stepped:
+                    sgd.stepped.wait_for(lambda mark=mark: sgd.steps - self.start_steps >= mark
+                                         or bool(self.errors))
+                if self.errors:
+                    return
+                average_parameters(sgd.model, self.world)
+        except BaseException as e:  # noqa: BLE001
+            self.errors.append(e)
+
+
 def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backward_threads: int,
               average_every: int, world: int) -> None:
     """Train on `batches` with the threads; return when every thread has finished.
@@ -159,70 +222,17 @@ def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backwar
     With world > 1, the parameters are averaged each time the global batch count passes a
     multiple of `average_every` (every process runs the same ranges, so the collectives match).
     """
-    it, take = iter(batches), threading.Lock()
-    q: queue.Queue = queue.Queue(maxsize=backward_threads)
-    errors: list[BaseException] = []
-    stop = object()
-    forwards_left = [forward_threads]
-    start_steps = sgd.steps
-    # local steps (from the start of `batches`) after which to average
-    marks = [m - batches.start for m in range(batches.start + 1, batches.stop + 1)
-             if m % average_every == 0]
-
-    def fail(e: BaseException) -> None:
-        errors.append(e)
-        with sgd.stepped:  # wake the averaging thread: it must not wait for steps forever
-            sgd.stepped.notify_all()
-
-    def forward_loop() -> None:
-        try:
-            shell = sgd.shell()
-            while True:
-                with take:
-                    b = next(it, None)
-                if b is None or errors:
-                    break
-                q.put(sgd.forward(shell, feed.inputs(b), feed.labels(b)))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            fail(e)
-        finally:
-            with take:
-                forwards_left[0] -= 1
-                if forwards_left[0] == 0:
-                    for _ in range(backward_threads):
-                        q.put(stop)
-
-    def backward_loop() -> None:
-        while (item := q.get()) is not stop:
-            if errors:
-                continue  # drain the queue so the forward threads can finish
-            try:
-                sgd.backward(item)
-            except BaseException as e:  # noqa: BLE001
-                fail(e)
-
-    def average_loop() -> None:
-        try:
-            for mark in marks:
-                with sgd.stepped:
-                    sgd.stepped.wait_for(lambda mark=mark: sgd.steps - start_steps >= mark
-                                         or bool(errors))
-                if errors:
-                    return
-                average_parameters(sgd.model, world)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=forward_loop) for _ in range(forward_threads)]
-    threads += [threading.Thread(target=backward_loop) for _ in range(backward_threads)]
-    if world > 1 and marks:
-        threads.append(threading.Thread(target=average_loop))
+    span = _Span(sgd, feed, batches, forward_threads, backward_threads, average_every, world)
+    threads = [threading.Thread(target=span.forward_loop) for _ in range(forward_threads)]
+    threads += [threading.Thread(target=span.backward_loop) for _ in range(backward_threads)]
+    if world > 1 and span.marks:
+        threads.append(threading.Thread(target=span.average_loop))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
+    if span.errors:
+        raise span.errors[0]
 
 
 class ThreadsRunner:
