@@ -413,6 +413,26 @@ def _synthetic_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
+def _synthetic(cfg: DataConfig, device: torch.device, seed: int) -> Dataset:
+    """Random uint8 images and labels of the configured shape, drawn from `seed`."""
+    c, h, w = _synthetic_shape(cfg.shape)
+    num_classes = _check_int(cfg.num_classes, "data.num_classes", 1)
+    n_train = _check_int(cfg.train_size, "data.train_size", 1)
+    n_test = _check_int(cfg.test_size, "data.test_size", 1)
+    pad, flip = _resolve_augment(cfg, h)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_mix_seed("synthetic", seed))
+    tx = torch.randint(0, 256, (n_train, c, h, w), generator=gen, dtype=torch.uint8)
+    ty = torch.randint(0, num_classes, (n_train,), generator=gen, dtype=torch.int64)
+    vx = torch.randint(0, 256, (n_test, c, h, w), generator=gen, dtype=torch.uint8)
+    vy = torch.randint(0, num_classes, (n_test,), generator=gen, dtype=torch.int64)
+    return Dataset(name=cfg.name, train_x=tx.to(device), train_y=ty.to(device),
+                   test_x=vx.to(device), test_y=vy.to(device),
+                   mean=torch.full((c,), 0.5, dtype=torch.float32, device=device),
+                   std=torch.full((c,), 0.25, dtype=torch.float32, device=device),
+                   num_classes=num_classes, pad=pad, flip=flip)
+
+
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int = 0) -> Dataset:
     """Load (or generate) the dataset named by cfg onto `device` as uint8 tensors.
 
@@ -424,32 +444,8 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int 
             f"unknown dataset data.name={cfg.name!r}: use one of {', '.join(DATASET_NAMES)}."
         )
     device = torch.device(device)
-
     if cfg.name == "synthetic":
-        c, h, w = _synthetic_shape(cfg.shape)
-        num_classes = _check_int(cfg.num_classes, "data.num_classes", 1)
-        n_train = _check_int(cfg.train_size, "data.train_size", 1)
-        n_test = _check_int(cfg.test_size, "data.test_size", 1)
-        pad, flip = _resolve_augment(cfg, h)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_mix_seed("synthetic", seed))
-        tx = torch.randint(0, 256, (n_train, c, h, w), generator=gen, dtype=torch.uint8)
-        ty = torch.randint(0, num_classes, (n_train,), generator=gen, dtype=torch.int64)
-        vx = torch.randint(0, 256, (n_test, c, h, w), generator=gen, dtype=torch.uint8)
-        vy = torch.randint(0, num_classes, (n_test,), generator=gen, dtype=torch.int64)
-        return Dataset(
-            name=cfg.name,
-            train_x=tx.to(device),
-            train_y=ty.to(device),
-            test_x=vx.to(device),
-            test_y=vy.to(device),
-            mean=torch.full((c,), 0.5, dtype=torch.float32, device=device),
-            std=torch.full((c,), 0.25, dtype=torch.float32, device=device),
-            num_classes=num_classes,
-            pad=pad,
-            flip=flip,
-        )
-
+        return _synthetic(cfg, device, seed)
     if cfg.name == "digits":
         pad, flip = _resolve_augment(cfg, 8)
         train_x, train_y, test_x, test_y = _load_digits(cfg)
