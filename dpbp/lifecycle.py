@@ -1,0 +1,399 @@
+"""A run's lifecycle in one place: its phases, in the parent and in every worker; what a signal,
+a worker's death or a write error means in each; and a shutdown that always ends.
+
+Phases (`Phase`): the parent runs the pre-flight checks, then supervises its workers, then shuts
+down; each worker (or the only process of a single-process run) goes through start-up, then
+training, evaluation and checkpoint per epoch, then shutdown, and records its phase in its record
+(failures.py) so that the parent can say what a worker that died was doing.
+
+What each event ends with, per phase (exit status; summary.json status; the one line):
+
+- SIGINT/SIGTERM (signal N) to the parent, to the process group (Ctrl-C) or to every worker:
+  - pre-flight: 128+N; interrupted; "stopped by SIGTERM during the pre-flight checks; nothing
+    was started" (`guard_preflight`);
+  - start-up: 128+N at once; interrupted; "stopped by SIGINT while starting; before training
+    began" (a resumed run keeps the checkpoint it started from);
+  - training, evaluation, checkpoint: 128+N; interrupted; the processes agree on a tick (an
+    evaluation or a checkpoint in progress finishes first), write a checkpoint there and say
+    where ("stopped by SIGTERM at tick T (epoch E, ...); checkpoint written to DIR");
+  - shutdown: 0; completed (the run had finished; the late signal changes nothing).
+- A worker killed (kill -9, out of memory), in any phase of its own: 1; failed; "worker rank R
+  (module M) was killed by signal 9 (SIGKILL) while starting | while training epoch E | while
+  evaluating epoch E | while writing the checkpoint of epoch E"; the last complete checkpoint
+  is kept (the survivors, stopped by the launcher, are not blamed).
+- A worker that raises (out of memory, a divergence, a full disk, a damaged file): 1; failed;
+  "worker rank R (module M) failed while ...: <its error>"; a write error names the checkpoint
+  that is kept ("the disk is full: cannot write checkpoint file stage0.pt; the checkpoint of
+  epoch 1 (tick 22) is kept in DIR"). When summary.json itself cannot be written, the console
+  says so in one more line.
+- A worker that hangs (or is stopped): 1; failed after dist.timeout_s; "... stopped responding".
+- Bad input, including a full disk or an unusable run directory found before anything started,
+  a resume past trainer.epochs or with another split, a run directory in use: 2; one sentence.
+
+A second signal while the workers stop kills them at once (the last complete checkpoint stays).
+
+Bounded shutdown (`Supervisor`): from the first signal, or from the first worker that exits, the
+workers get dist.timeout_s to finish (each also exits by itself that long after its own first
+signal); then the supervisor kills what is left with SIGKILL, and if the launcher still has not
+returned SLACK_S later, it interrupts the parent's wait. So the parent exits at most
+dist.timeout_s + 2 * SLACK_S after the event, and no worker outlives it.
+
+Why workers never let KeyboardInterrupt out: torch.multiprocessing treats a worker that ends
+with KeyboardInterrupt as killed by its parent and exits it with status 0 without a result, which
+torchelastic then waits for forever. `WorkerLife` turns every way a worker ends into an exit
+status of its own (128+N, 1) and a record.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import enum
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpbp import failures
+from dpbp.errors import Interrupted, Stopped
+from dpbp.interrupt import STOP_FILE, StopRequest, install
+from dpbp.rundir import describe_os_error
+
+SLACK_S = 5.0  # what shutting down may take beyond dist.timeout_s, per step
+
+
+class Phase(str, enum.Enum):
+    """Where a process of a run is; `polled`: the run loop polls its stop request (a signal asks
+    for a stop at an agreed tick) rather than being stopped at once."""
+
+    PREFLIGHT = "pre-flight"
+    STARTUP = "start-up"
+    TRAINING = "training"
+    EVALUATION = "evaluation"
+    CHECKPOINT = "checkpoint"
+    SHUTDOWN = "shutdown"
+
+    @property
+    def polled(self) -> bool:
+        return self not in (Phase.PREFLIGHT, Phase.STARTUP)
+
+
+def during(phase: str | None, epoch: int | None = None) -> str:
+    """'while training epoch 2', 'while starting', ... (a phase as words, for the one line)."""
+    e = f" {epoch}" if epoch else ""
+    return {
+        Phase.PREFLIGHT: "during the pre-flight checks",
+        Phase.STARTUP: "while starting",
+        Phase.TRAINING: f"while training epoch{e}",
+        Phase.EVALUATION: f"while evaluating epoch{e}",
+        Phase.CHECKPOINT: f"while writing the checkpoint of epoch{e}",
+        Phase.SHUTDOWN: "while shutting down",
+    }.get(phase, "while starting")
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+# -- the parent ----------------------------------------------------------------------------------
+
+
+def guard_preflight() -> Callable[[], None]:
+    """From the start of `dpbp train|bench` until workers run: SIGINT/SIGTERM stop the parent at
+    once (Stopped, which the CLI turns into one line and 128+N); nothing has started yet.
+    Return the function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum, Phase.PREFLIGHT)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def defer_signals() -> Callable[[], None]:
+    """The parent's shutdown: the outcome is known and being written; a late signal changes
+    nothing (the run ends by itself within moments). Return the function that puts the previous
+    handlers back (the next job of a sweep)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, lambda signum, frame: None)
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def stopped_line(e: Stopped) -> str:
+    """The one line for a process stopped at once by a signal."""
+    what = "nothing was started" if e.phase == Phase.PREFLIGHT else "before training began"
+    return f"stopped by {signal_name(e.signum)} {during(e.phase)}; {what}"
+
+
+def write_outcome(run_dir: Path, summary: dict[str, Any]) -> str | None:
+    """Write summary.json; None, or the sentence that says why it could not be written (a full
+    disk must not turn the run's one line into a traceback)."""
+    from dpbp.logs import write_summary
+
+    try:
+        write_summary(run_dir, summary)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            (run_dir / "summary.json.tmp").unlink(missing_ok=True)
+        return f"summary.json could not be written in {run_dir} ({describe_os_error(e)})"
+    return None
+
+
+def failure_line(e: BaseException, run_dir: Path) -> str:
+    """The one line for a run that failed with `e` in this process: an OSError (a full disk, a
+    directory gone) as a sentence with the checkpoint that is kept, else the error's first
+    line."""
+    if isinstance(e, OSError):
+        from dpbp.checkpoint import last_good
+
+        what = f" ({e.filename})" if e.filename else ""
+        return f"{describe_os_error(e)}{what}; {last_good(run_dir / 'checkpoints')}"
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def children() -> list[int]:
+    """Pids of this process's live child processes (Linux /proc; empty elsewhere)."""
+    me, found = os.getpid(), []
+    with contextlib.suppress(OSError):
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[1]) == me and fields[0] != "Z":
+                        found.append(int(d))
+    return found
+
+
+class Abandoned(BaseException):
+    """Raised in the parent's main thread when the workers did not end in time and the wait for
+    the launcher is given up (after the workers were killed)."""
+
+
+class Supervisor:
+    """The parent while its workers run: forwards SIGINT/SIGTERM to them, and bounds how long
+    the shutdown takes once a signal came or a worker ended (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, timeout_s: float, slack_s: float = SLACK_S) -> None:
+        self.run_dir, self.slack_s, self.grace_s = run_dir, slack_s, timeout_s + slack_s
+        self.asked: int | None = None  # the signal the user sent (forwarded to the workers)
+        self.killed: list[int] = []  # workers killed because they did not end in time
+        self.deadline: float | None = None
+        self.abandon = False
+        self._done = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Supervisor:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+        threading.Thread(target=self._watch, daemon=True, name="dpbp-supervisor").start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)  # set by elastic_launch
+        with contextlib.suppress(OSError):
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+
+    def workers(self) -> list[int]:
+        """Pids of the workers still running (their records, and the children not yet recorded;
+        the resource tracker is a child too and ends with the parent)."""
+        pids = {rec["pid"] for rec in failures.read(self.run_dir).values()
+                if rec.get("status") is None and failures.running(rec["pid"])}
+        return sorted(pids | {p for p in children() if _is_worker(p)})
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.abandon:
+            raise Abandoned
+        if self.asked is not None:  # a second signal: stop now, keep the last checkpoint
+            self._arm(0.0)
+            return
+        self.asked = signum
+        with contextlib.suppress(OSError):  # for workers that have not installed handlers yet
+            (self.run_dir / STOP_FILE).touch()
+        for pid in self.workers():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+        self._arm(self.grace_s)
+
+    def _arm(self, after_s: float) -> None:
+        deadline = time.monotonic() + after_s
+        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+
+    def _watch(self) -> None:
+        """Arm the deadline when a worker ends; at the deadline kill the rest; SLACK_S later,
+        give up waiting for the launcher."""
+        known: dict[int, int] = {}
+        while not self._done.wait(0.25):
+            for rank, rec in failures.read(self.run_dir).items():
+                known[rank] = rec["pid"]
+            if self.deadline is None and any(not failures.running(p) for p in known.values()):
+                self._arm(self.grace_s)
+            if self.deadline is None or time.monotonic() < self.deadline:
+                continue
+            for pid in self.workers():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+            if self._done.wait(self.slack_s):
+                return
+            self.abandon = True
+            _thread.interrupt_main(signal.SIGINT)
+            return
+
+    def late(self) -> str:
+        """The line for workers that had to be killed."""
+        return (f"the workers did not stop within {self.grace_s:g} s (dist.timeout_s + "
+                f"{self.slack_s:g}) and were killed; the last complete checkpoint is kept")
+
+
+def _is_worker(pid: int) -> bool:
+    """A child started by multiprocessing's spawn (a worker), not its resource tracker."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmd
+
+
+# -- naming the cause -------------------------------------------------------------------------
+
+
+def _where(rec: dict[str, Any]) -> str:
+    return f" {during(rec['phase'], rec.get('epoch'))}" if rec.get("phase") else ""
+
+
+def diagnose(run_dir: Path, modules: int, replicas: int, exits: dict[int, int | None],
+             message: str = "", asked: int | None = None,
+             messages: dict[int, str] | None = None) -> tuple[str, str]:
+    """(status, one line) for a launch that torchelastic reports as failed, from the workers'
+    records: `exits` {rank: exit code} of the workers it saw end (negative: killed by that
+    signal), `message` the first one's error, `asked` the signal the user sent the parent,
+    `messages` {rank: error} that torchelastic collected from workers that raised (for a worker
+    that could not write its record: a full disk).
+
+    1. a worker that raised an error of its own (not a lost peer): the earliest one (a divergence:
+       the earliest tick);
+    2. a stop the user asked for: interrupted, as the workers' records say;
+    3. a worker killed by a signal (kill -9, out of memory) that never reported: named with the
+       phase it was in (a survivor that the launcher stopped afterwards is not the cause);
+    4. a worker that started but never reported: one a neighbour waited for in vain (it hung, or
+       was stopped), or one that died without a word;
+    5. a stop asked of the workers themselves (a STOP file, a signal to each): interrupted;
+    6. else a lost peer, or what torchelastic reported.
+    """
+    records = failures.read(run_dir)
+    for rank, error in (messages or {}).items():  # raised, but the record could not say so
+        rec = records.setdefault(rank, {"rank": rank})
+        if rec.get("status") is None and error:
+            rec.update(status="failed", error=error, ended=0.0,
+                       peer_lost=failures.is_peer_lost(RuntimeError(error)))
+    name = lambda r: failures.worker_name(r, modules, replicas)  # noqa: E731
+    own = [r for r in records.values() if r.get("status") == "failed" and not r.get("peer_lost")]
+    if own:
+        first = min(own, key=lambda r: (r.get("tick") is None, r.get("tick") or 0, r["ended"]))
+        return "failed", f"{name(first['rank'])} failed{_where(first)}: {first['error']}"
+    stopped = sorted((r for r in records.values() if r.get("status") == "interrupted"),
+                     key=lambda r: r["rank"])
+    if stopped and asked is not None:
+        return "interrupted", stopped[0]["error"]
+    for rank, code in sorted(exits.items()):
+        rec = records.get(rank, {})
+        if failures.signal_name(code) and rec.get("status") is None:
+            return "failed", f"{name(rank)} was killed by {failures.signal_name(code)}{_where(rec)}"
+    silent = [r for r, rec in sorted(records.items()) if rec.get("status") is None]
+    waited_for = [rec for rec in records.values() if rec.get("peer") in silent]
+    if waited_for:  # alive but silent: stopped (SIGSTOP), or stuck
+        rec = waited_for[0]
+        return "failed", (f"{name(rec['peer'])} stopped responding{_where(records[rec['peer']])}: "
+                          f"{name(rec['rank'])} waited dist.timeout_s for it; it was terminated")
+    if silent:
+        return "failed", (f"{name(silent[0])} died without reporting an error"
+                          f"{_where(records[silent[0]])} (killed by a signal, e.g. out of memory "
+                          "or kill -9)")
+    if stopped:
+        return "interrupted", stopped[0]["error"]
+    lost = [r for r in records.values() if r.get("status") == "failed"]
+    if lost:
+        first = min(lost, key=lambda r: r["ended"])
+        return "failed", f"{name(first['rank'])} failed{_where(first)}: {first['error']}"
+    rank = min(exits) if exits else 0
+    return "failed", f"{name(rank)} failed: {message or 'unknown error'}"
+
+
+# -- a worker --------------------------------------------------------------------------------
+
+
+class WorkerLife:
+    """One worker's lifecycle: its signal handlers, its record and phase, and its exit status.
+
+        with WorkerLife(run_dir, rank, cfg.dist.timeout_s) as life:
+            ...                       # start-up, then train(..., stop=life.stop)
+            life.completed()
+
+    A signal during start-up stops the worker at once (exit 128+N); later ones set `life.stop`,
+    which the run loop polls. Interrupted exits 128+N, an error 1 (re-raised, so that torchelastic
+    gets its message); each is recorded first. The worker exits by itself `timeout_s` after its
+    first signal if it has not ended by then (a stop that waits on a dead peer)."""
+
+    def __init__(self, run_dir: Path, rank: int, timeout_s: float, wait_on_peer: bool) -> None:
+        self.run_dir, self.timeout_s, self.wait_on_peer = run_dir, timeout_s, wait_on_peer
+        self.stop = StopRequest(listener=self._entered)
+        self.record = {"rank": rank}
+        self._restore = lambda: None
+
+    def __enter__(self) -> WorkerLife:
+        self._restore = install(self.stop, grace_s=self.timeout_s)
+        self.record = failures.started(self.run_dir, self.record["rank"])
+        self._entered(Phase.STARTUP, None)
+        return self
+
+    def _entered(self, phase: str, epoch: int | None) -> None:
+        failures.update(self.run_dir, self.record, phase=str(phase.value if isinstance(
+            phase, Phase) else phase), epoch=epoch)
+
+    def completed(self) -> None:
+        failures.ended(self.run_dir, self.record, "completed")
+
+    def __exit__(self, typ: Any, e: BaseException | None, tb: Any) -> bool:
+        sys.stdout.flush()
+        if e is None or isinstance(e, SystemExit):
+            return False
+        if isinstance(e, Interrupted):
+            failures.ended(self.run_dir, self.record, "interrupted", str(e))
+            raise SystemExit(128 + e.signum) from None
+        if isinstance(e, KeyboardInterrupt):  # Stopped, or an interrupt from elsewhere
+            signum = getattr(e, "signum", None) or self.stop.signum or int(signal.SIGINT)
+            failures.ended(self.run_dir, self.record, "interrupted",
+                           stopped_line(Stopped(signum, self.record.get("phase"))))
+            raise SystemExit(128 + signum) from None
+        lost = failures.is_peer_lost(e)
+        failures.ended(self.run_dir, self.record, "failed", failures.error_line(e),
+                       peer_lost=lost, tick=getattr(e, "tick", None),
+                       peer=getattr(e, "peer", None))
+        if lost and self.wait_on_peer:  # let the agent see the culprit's exit first
+            deadline = time.monotonic() + failures.PEER_LOST_GRACE_S
+            while self.stop.signum is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return False
