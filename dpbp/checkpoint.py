@@ -93,7 +93,9 @@ def last_good(directory: Path) -> str:
     """Which committed checkpoint `directory` holds, in words ("no checkpoint ..." if none)."""
     try:
         run = torch.load(directory / "run.pt", map_location="cpu", weights_only=True)
-        return f"the checkpoint of epoch {run['epoch']} (tick {run['tick']}) is kept in {directory}"
+        where = (f"at tick {run['tick']} (inside epoch {run['epoch'] + 1})"
+                 if run.get("epoch_seconds") else f"of epoch {run['epoch']} (tick {run['tick']})")
+        return f"the checkpoint {where} is kept in {directory}"
     except FileNotFoundError:
         return f"no checkpoint was written in {directory} before"
     except Exception:  # noqa: BLE001 - a damaged run.pt: resume says what is wrong with it

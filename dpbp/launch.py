@@ -205,18 +205,15 @@ def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     )
     with lifecycle.Supervisor(run_dir, cfg.dist.timeout_s) as sup:
         try:
-            with quiet_torchelastic():
+            with quiet_torchelastic(), lifecycle.deaf_children():
                 results = elastic_launch(lc, worker_main)(cfg.to_dict(), str(run_dir))
         except ChildFailedError as e:
             _, first = e.get_first_failure()
-            status, line = lifecycle.diagnose(
-                run_dir, cfg.modules, cfg.algo.replicas,
-                {r: f.exitcode for r, f in e.failures.items()}, last_line(first.message),
-                sup.asked, {r: worker_error(f) for r, f in e.failures.items()})
-            signum = sup.asked or _signum(first.exitcode)
-            if sup.killed:
-                status, line = ("interrupted" if sup.asked else "failed"), sup.late()
-            _end(cfg, run_dir, status, line, signum)
+            status, line = sup.conclude(cfg.modules, cfg.algo.replicas,
+                                        {r: f.exitcode for r, f in e.failures.items()},
+                                        last_line(first.message),
+                                        {r: worker_error(f) for r, f in e.failures.items()})
+            _end(cfg, run_dir, status, line, sup.asked or _signum(first.exitcode))
         except lifecycle.Abandoned:
             _end(cfg, run_dir, "interrupted" if sup.asked else "failed", sup.late(),
                  sup.asked or int(signal.SIGTERM))
@@ -281,11 +278,13 @@ def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
                 ) -> dict[str, Any] | None:
     """One worker: join the process group, train its stage, leave cleanly; its lifecycle
     (signals, phase, record, exit status) is lifecycle.WorkerLife's."""
-    cfg = from_dict(cfg_dict)
-    ctx = WorkerContext(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                        local_rank=int(os.environ.get("LOCAL_RANK", "0")), distributed=True)
-    with lifecycle.WorkerLife(Path(run_dir), ctx.rank, cfg.dist.timeout_s,
-                              wait_on_peer=not joined) as life:
+    with lifecycle.WorkerLife(Path(run_dir), int(os.environ["RANK"]),
+                              cfg_dict["dist"]["timeout_s"], wait_on_peer=not joined,
+                              config=cfg_dict) as life:
+        cfg = from_dict(cfg_dict)
+        ctx = WorkerContext(rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")), distributed=True)
         device = pick_device(cfg, ctx.local_rank)
         backend = cfg.dist.backend
         if backend == "auto":

@@ -54,7 +54,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +102,11 @@ def signal_name(signum: int) -> str:
 # -- the parent ----------------------------------------------------------------------------------
 
 
-def guard_preflight() -> Callable[[], None]:
-    """From the start of `dpbp train|bench` until workers run: SIGINT/SIGTERM stop the parent at
-    once (Stopped, which the CLI turns into one line and 128+N); nothing has started yet.
-    Return the function that puts the previous handlers back."""
+def _route(handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to `handler` (main thread only); return the function that puts
+    the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Stopped(signum, Phase.PREFLIGHT)
-
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore() -> None:
@@ -121,20 +116,22 @@ def guard_preflight() -> Callable[[], None]:
     return restore
 
 
+def guard_preflight() -> Callable[[], None]:
+    """From the start of `dpbp train` until workers run: SIGINT/SIGTERM stop the parent at once
+    (Stopped, which the CLI turns into one line and 128+N); nothing has started yet. Return the
+    function that puts the previous handlers back."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum, Phase.PREFLIGHT)
+
+    return _route(handler)
+
+
 def defer_signals() -> Callable[[], None]:
     """The parent's shutdown: the outcome is known and being written; a late signal changes
     nothing (the run ends by itself within moments). Return the function that puts the previous
     handlers back (the next job of a sweep)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {s: signal.signal(s, lambda signum, frame: None)
-                for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-    return restore
+    return _route(lambda signum, frame: None)
 
 
 def stopped_line(e: Stopped) -> str:
@@ -195,23 +192,21 @@ class Supervisor:
     def __init__(self, run_dir: Path, timeout_s: float, slack_s: float = SLACK_S) -> None:
         self.run_dir, self.slack_s, self.grace_s = run_dir, slack_s, timeout_s + slack_s
         self.asked: int | None = None  # the signal the user sent (forwarded to the workers)
+        self.second: int | None = None  # a second one: kill the workers at once
         self.killed: list[int] = []  # workers killed because they did not end in time
         self.deadline: float | None = None
         self.abandon = False
         self._done = threading.Event()
-        self._previous: dict[int, Any] = {}
+        self._restore: Callable[[], None] = lambda: None
 
     def __enter__(self) -> Supervisor:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handler)
-                              for s in (signal.SIGINT, signal.SIGTERM)}
+        self._restore = _route(self._handler)
         threading.Thread(target=self._watch, daemon=True, name="dpbp-supervisor").start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._done.set()
-        for s, h in self._previous.items():
-            signal.signal(s, h)
+        self._restore()
         os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)  # set by elastic_launch
         with contextlib.suppress(OSError):
             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
@@ -227,6 +222,7 @@ class Supervisor:
         if self.abandon:
             raise Abandoned
         if self.asked is not None:  # a second signal: stop now, keep the last checkpoint
+            self.second = signum
             self._arm(0.0)
             return
         self.asked = signum
@@ -238,18 +234,22 @@ class Supervisor:
         self._arm(self.grace_s)
 
     def _arm(self, after_s: float) -> None:
+        """Kill what is left `after_s` from now (unless an earlier deadline is set)."""
         deadline = time.monotonic() + after_s
-        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+        if self.deadline is None or deadline < self.deadline:
+            self.deadline = deadline
 
     def _watch(self) -> None:
         """Arm the deadline when a worker ends; at the deadline kill the rest; SLACK_S later,
         give up waiting for the launcher."""
-        known: dict[int, int] = {}
         while not self._done.wait(0.25):
-            for rank, rec in failures.read(self.run_dir).items():
-                known[rank] = rec["pid"]
-            if self.deadline is None and any(not failures.running(p) for p in known.values()):
-                self._arm(self.grace_s)
+            for rec in failures.read(self.run_dir).values():
+                if not failures.running(rec["pid"]):
+                    # after a stop or the end, the others finish theirs; after a death or an
+                    # error there is nothing left to wait for (torch.multiprocessing would give
+                    # a worker blocked in a collective with the dead one 30 s)
+                    ended = rec.get("status") in ("completed", "interrupted")
+                    self._arm(self.grace_s if ended else self.slack_s)
             if self.deadline is None or time.monotonic() < self.deadline:
                 continue
             for pid in self.workers():
@@ -262,10 +262,50 @@ class Supervisor:
             _thread.interrupt_main(signal.SIGINT)
             return
 
+    def conclude(self, modules: int, replicas: int, exits: dict[int, int | None],
+                 message: str = "", messages: dict[int, str] | None = None
+                 ) -> tuple[str, str]:
+        """(status, line) of a launch that did not complete: the user's stop that had to kill
+        the workers, else the cause in the workers' records (diagnose), where the workers the
+        supervisor killed itself are not a cause."""
+        if self.asked is not None and self.killed:
+            return "interrupted", self.late()
+        pids = {r: rec.get("pid") for r, rec in failures.read(self.run_dir).items()}
+        exits = {r: c for r, c in exits.items() if pids.get(r) not in self.killed}
+        return diagnose(self.run_dir, modules, replicas, exits, message, self.asked, messages)
+
     def late(self) -> str:
         """The line for workers that had to be killed."""
+        from dpbp.checkpoint import last_good
+
+        kept = last_good(self.run_dir / "checkpoints")
+        if self.second is not None:
+            return (f"stopped by a second {signal_name(self.second)}: the workers were killed "
+                    f"at once; {kept}")
         return (f"the workers did not stop within {self.grace_s:g} s (dist.timeout_s + "
-                f"{self.slack_s:g}) and were killed; the last complete checkpoint is kept")
+                f"{self.slack_s:g}) and were killed; {kept}")
+
+
+@contextlib.contextmanager
+def deaf_children() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread while it starts workers: a child inherits the mask
+    through fork and exec, so that a signal during a worker's imports waits until its handlers
+    are in place (WorkerLife unblocks them) instead of printing a KeyboardInterrupt traceback
+    from half-started interpreters. The parent still gets them (the supervisor's thread does not
+    block them; its Python handler runs in the main thread as usual)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # multiprocessing starts its resource tracker with the first worker and unblocks both
+    # signals in this thread afterwards: start it first
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _is_worker(pid: int) -> bool:
@@ -295,7 +335,8 @@ def diagnose(run_dir: Path, modules: int, replicas: int, exits: dict[int, int | 
 
     1. a worker that raised an error of its own (not a lost peer): the earliest one (a divergence:
        the earliest tick);
-    2. a stop the user asked for: interrupted, as the workers' records say;
+    2. a stop the user asked for: interrupted, as the workers' records say (a worker that was
+       still importing when the signal came has no record: it stopped while starting);
     3. a worker killed by a signal (kill -9, out of memory) that never reported: named with the
        phase it was in (a survivor that the launcher stopped afterwards is not the cause);
     4. a worker that started but never reported: one a neighbour waited for in vain (it hung, or
@@ -316,8 +357,9 @@ def diagnose(run_dir: Path, modules: int, replicas: int, exits: dict[int, int | 
         return "failed", f"{name(first['rank'])} failed{_where(first)}: {first['error']}"
     stopped = sorted((r for r in records.values() if r.get("status") == "interrupted"),
                      key=lambda r: r["rank"])
-    if stopped and asked is not None:
-        return "interrupted", stopped[0]["error"]
+    if asked is not None:  # the user's stop; a worker still importing died of the signal itself
+        return "interrupted", (stopped[0]["error"] if stopped
+                               else stopped_line(Stopped(asked, Phase.STARTUP)))
     for rank, code in sorted(exits.items()):
         rec = records.get(rank, {})
         if failures.signal_name(code) and rec.get("status") is None:
@@ -357,21 +399,29 @@ class WorkerLife:
     gets its message); each is recorded first. The worker exits by itself `timeout_s` after its
     first signal if it has not ended by then (a stop that waits on a dead peer)."""
 
-    def __init__(self, run_dir: Path, rank: int, timeout_s: float, wait_on_peer: bool) -> None:
+    def __init__(self, run_dir: Path, rank: int, timeout_s: float, wait_on_peer: bool,
+                 config: dict[str, Any] | None = None) -> None:
+        """`wait_on_peer`: after losing a peer, give the launcher a moment to see the culprit
+        first; `config`: the run's, for a summary.json this worker may have to write."""
         self.run_dir, self.timeout_s, self.wait_on_peer = run_dir, timeout_s, wait_on_peer
+        self.config, self.parent = config, os.getppid()
         self.stop = StopRequest(listener=self._entered)
-        self.record = {"rank": rank}
-        self._restore = lambda: None
+        self.record: dict[str, Any] = {"rank": rank}
+        self._restore: Callable[[], None] = lambda: None
 
     def __enter__(self) -> WorkerLife:
         self._restore = install(self.stop, grace_s=self.timeout_s)
         self.record = failures.started(self.run_dir, self.record["rank"])
         self._entered(Phase.STARTUP, None)
+        try:  # started with them blocked (deaf_children): a signal that came meanwhile lands now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+        except KeyboardInterrupt as e:
+            self.__exit__(type(e), e, None)
         return self
 
-    def _entered(self, phase: str, epoch: int | None) -> None:
-        failures.update(self.run_dir, self.record, phase=str(phase.value if isinstance(
-            phase, Phase) else phase), epoch=epoch)
+    def _entered(self, phase: Any, epoch: int | None) -> None:
+        failures.update(self.run_dir, self.record, phase=str(getattr(phase, "value", phase)),
+                        epoch=epoch)
 
     def completed(self) -> None:
         failures.ended(self.run_dir, self.record, "completed")
@@ -381,13 +431,24 @@ class WorkerLife:
         if e is None or isinstance(e, SystemExit):
             return False
         if isinstance(e, Interrupted):
-            failures.ended(self.run_dir, self.record, "interrupted", str(e))
-            raise SystemExit(128 + e.signum) from None
+            self._interrupted(str(e), e.signum)
         if isinstance(e, KeyboardInterrupt):  # Stopped, or an interrupt from elsewhere
             signum = getattr(e, "signum", None) or self.stop.signum or int(signal.SIGINT)
-            failures.ended(self.run_dir, self.record, "interrupted",
-                           stopped_line(Stopped(signum, self.record.get("phase"))))
-            raise SystemExit(128 + signum) from None
+            self._interrupted(stopped_line(Stopped(signum, self.record.get("phase"))), signum)
+        self._failed(e)
+        return False
+
+    def _interrupted(self, line: str, signum: int) -> None:
+        """Record the stop and exit 128+N. A parent killed outright (kill -9) sends its workers
+        SIGINT (PR_SET_PDEATHSIG) and can say nothing: rank 0 writes summary.json then."""
+        failures.ended(self.run_dir, self.record, "interrupted", line)
+        if self.record["rank"] == 0 and os.getppid() != self.parent:
+            write_outcome(self.run_dir, {
+                "status": "interrupted", "config": self.config,
+                "error": f"the parent process {self.parent} was killed; {line}"})
+        raise SystemExit(128 + signum) from None
+
+    def _failed(self, e: BaseException) -> None:
         lost = failures.is_peer_lost(e)
         failures.ended(self.run_dir, self.record, "failed", failures.error_line(e),
                        peer_lost=lost, tick=getattr(e, "tick", None),
@@ -396,4 +457,3 @@ class WorkerLife:
             deadline = time.monotonic() + failures.PEER_LOST_GRACE_S
             while self.stop.signum is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return False

@@ -115,6 +115,12 @@ def test_a_worker_killed_while_starting_is_named_not_the_survivor_the_launcher_s
     assert lifecycle.diagnose(tmp_path, 2, 1, {1: 130}, asked=signal.SIGINT)[0] == "interrupted"
 
 
+def test_a_worker_the_users_signal_caught_still_importing_was_stopped_not_failed(tmp_path):
+    """Ctrl-C reaches a worker before it has a record or a handler (it dies of SIGINT)."""
+    assert lifecycle.diagnose(tmp_path, 2, 1, {0: -signal.SIGINT}, asked=signal.SIGINT) == (
+        "interrupted", "stopped by SIGINT while starting; before training began")
+
+
 def test_the_cause_names_the_phase_and_epoch(tmp_path):
     write_records(tmp_path, [
         {"rank": 0, "phase": "evaluation", "epoch": 3},
@@ -132,31 +138,51 @@ def test_the_cause_names_the_phase_and_epoch(tmp_path):
 # -- the bounded shutdown ----------------------------------------------------------------------
 
 
-@pytest.mark.slow  # starts a small helper process (no torch)
-def test_the_supervisor_kills_a_worker_that_ignores_the_stop_and_stops_waiting(tmp_path):
-    """A worker that ignores SIGTERM (or hangs) is killed dist.timeout_s + slack after the
-    signal, and the parent's wait is given up (Abandoned) soon after: the shutdown is bounded
-    whatever the launcher does."""
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
-                                 "signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
-                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+def stubborn_process() -> subprocess.Popen:
+    """A process that ignores SIGTERM, like a worker blocked in a collective (its Python
+    handler never runs)."""
+    p = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                          "signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                          "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+@pytest.mark.slow  # starts small helper processes (no torch)
+@pytest.mark.parametrize("event", ["signal", "death"])
+def test_the_supervisor_bounds_the_shutdown(tmp_path, event):
+    """After the user's signal (passed on, then dist.timeout_s + slack) or a worker's death
+    (slack: with a peer gone there is nothing to wait for), a worker that does not end is
+    killed, and the parent's wait is given up (Abandoned) soon after, whatever the launcher
+    does; the killed survivor is not named as the cause."""
+    stubborn = stubborn_process()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
     try:
-        assert stubborn.stdout.readline().strip() == "ready"
-        write_records(tmp_path, [{"rank": 0, "pid": stubborn.pid, "phase": "training"}])
+        write_records(tmp_path, [{"rank": 0, "pid": stubborn.pid, "phase": "training"},
+                                 {"rank": 1, "pid": dead.pid, "phase": "start-up"}][
+            :1 if event == "signal" else 2])
         before = signal.getsignal(signal.SIGTERM)
         t0 = time.monotonic()
         with pytest.raises(lifecycle.Abandoned):
-            with lifecycle.Supervisor(tmp_path, timeout_s=0.5, slack_s=0.5) as sup:
-                os.kill(os.getpid(), signal.SIGTERM)  # forwarded to the "worker": ignored
-                assert sup.asked == signal.SIGTERM and (tmp_path / "STOP").exists()
+            with lifecycle.Supervisor(tmp_path, timeout_s=1.5, slack_s=0.5) as sup:
+                if event == "signal":
+                    os.kill(os.getpid(), signal.SIGTERM)  # passed on to the "worker": ignored
+                    assert sup.asked == signal.SIGTERM and (tmp_path / "STOP").exists()
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:  # the launcher's wait, interrupted
                     time.sleep(0.05)
         took = time.monotonic() - t0
         assert stubborn.wait(timeout=5) == -signal.SIGKILL and sup.killed == [stubborn.pid]
-        assert 1.0 <= took < 4.0, took
+        assert (2.0 <= took < 4.5) if event == "signal" else (1.0 <= took < 2.5), took
         assert not (tmp_path / "STOP").exists()
         assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
+        status, line = sup.conclude(2, 1, {0: -signal.SIGKILL, 1: -signal.SIGKILL})
+        if event == "signal":
+            assert (status, line) == ("interrupted", sup.late())
+        else:
+            assert line == "worker rank 1 (module 2) was killed by signal 9 (SIGKILL) while " \
+                           "starting"
     finally:
         stubborn.kill()
         stubborn.wait()
@@ -355,3 +381,39 @@ def test_a_disk_that_fills_after_epoch_1_is_one_line_naming_the_kept_checkpoint(
         f"resume={run}"]
     assert not (run / "summary.json").exists()
     assert torch.load(run / "checkpoints" / "run.pt", weights_only=True)["epoch"] == 1
+
+
+# -- signals in the polled phases (in-process: the run loop is the same for every process) ------
+
+
+@pytest.mark.parametrize("phase", ["evaluation", "checkpoint"])
+def test_a_signal_while_evaluating_or_checkpointing_stops_at_the_next_agreed_tick(
+        tmp_path, monkeypatch, phase):
+    """SIGTERM during epoch 1's evaluation: the evaluation finishes, the run stops at the end of
+    epoch 1 with its checkpoint; during epoch 1's checkpoint: the checkpoint finishes, the run
+    stops at the next checked chunk of epoch 2 with another one."""
+    from dpbp import checkpoint
+    from dpbp.launch import launch
+    from dpbp.tick import TickRunner
+
+    target = (TickRunner, "evaluate") if phase == "evaluation" else (checkpoint, "commit")
+    real = getattr(*target)
+    calls = []
+
+    def signalled(*args, **kwargs):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in the middle of this phase
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, signalled)
+    with pytest.raises(Interrupted) as e:
+        launch(make_cfg(*SMALL, "trainer.epochs=3", "trainer.check_every=5"), tmp_path)
+    run = torch.load(tmp_path / "checkpoints" / "run.pt", weights_only=True)
+    if phase == "evaluation":
+        assert str(e.value).startswith("stopped by SIGTERM at tick 22 (the end of epoch 1); ")
+        assert (run["epoch"], run["tick"]) == (1, 22)
+    else:
+        assert str(e.value).startswith("stopped by SIGTERM at tick 27 (epoch 2, after 5 of ")
+        assert (run["epoch"], run["tick"]) == (1, 27)
+    assert e.value.signum == signal.SIGTERM

@@ -83,6 +83,11 @@ class Run:
         recs = self.records()
         return len(recs) == 2 and all(r.get("phase") == "start-up" for r in recs.values())
 
+    def importing(self) -> bool:
+        """Both workers exist but are still importing (no record, no signal handler yet)."""
+        spawned = [p for p in session(self.proc.pid) if "spawn_main" in p]
+        return len(spawned) == 2 and not self.records()
+
     def checkpointed(self) -> bool:
         return (self.run_dir / "checkpoints" / "run.pt").exists()
 
@@ -167,12 +172,15 @@ def test_a_worker_killed_while_starting(runs, algo, victim):
     assert summary["status"] == "failed"
 
 
-@pytest.mark.parametrize("algo,to_group", [("fdg", False), ("pdasgd", True)])
-def test_sigint_while_starting(runs, algo, to_group):
+@pytest.mark.parametrize("algo,to_group,when", [("fdg", False, "starting"),
+                                                ("pdasgd", True, "starting"),
+                                                ("gpipe", True, "importing")])
+def test_sigint_while_starting(runs, algo, to_group, when):
     """SIGINT to the parent (passed on to the workers), or Ctrl-C to the whole process group
-    (every worker gets it twice: from the terminal and from the parent)."""
+    (every worker gets it twice: from the terminal and from the parent); also while the workers
+    are still importing, before they have a handler (no KeyboardInterrupt traceback)."""
     run = runs(f"algo={algo}")
-    run.when(run.starting)
+    run.when(getattr(run, when))
     pid = run.proc.pid
     run.act(lambda: (os.killpg if to_group else os.kill)(pid, signal.SIGINT))
     line, summary = run.end(128 + signal.SIGINT)
