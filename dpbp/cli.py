@@ -142,11 +142,11 @@ def end_run(run_dir: Path, cfg: DictConfig, status: str, line: str, code: int | 
 
 def how_to_resume(cfg: DictConfig | None, run_dir: Path) -> str:
     """One sentence on what the checkpoints of a stopped run allow."""
-    import torch
-
     ckpt = run_dir / "checkpoints"
     if not (ckpt / "run.pt").exists():
         return "there is no checkpoint yet: rerun the same command."
+    import torch
+
     try:
         run = torch.load(ckpt / "run.pt", map_location="cpu", weights_only=True)
         where = f"epoch {run['epoch']}, tick {run['tick']}"
@@ -165,9 +165,10 @@ def train_app(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        from dpbp.config import from_dict, validate  # torch: seconds, inside the signal guard
-        from dpbp.launch import launch
-        from dpbp.logs import summary_table
+        with lifecycle.held_signals():  # torch: seconds; a signal stops the run after them
+            from dpbp.config import from_dict, validate
+            from dpbp.launch import launch
+            from dpbp.logs import summary_table
 
         rc = from_dict(OmegaConf.to_container(cfg, resolve=True))
         validate(rc)

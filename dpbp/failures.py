@@ -11,6 +11,7 @@ names the cause from these records (lifecycle.diagnose).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,14 +43,24 @@ def _path(run_dir: Path, rank: int) -> Path:
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
-    """Write a record in place, padded to RECORD_BYTES: the first write takes the file's space,
-    later ones reuse it, so that a worker can still say what went wrong when the disk has filled
-    up (a reader that catches a write half done skips the record until the next read)."""
+    """Write a record, padded to RECORD_BYTES: through a temporary file and a rename (a reader
+    sees the old record or the new one), or, when that finds no space, over the old file in
+    place (it keeps its size), so that a worker can still say what went wrong when the disk has
+    filled up (a reader that catches that write half done skips the record until the next
+    read)."""
     data = json.dumps(record).encode()
     data += b" " * (RECORD_BYTES - len(data))
+    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.pwrite(fd, data, 0)
         finally:

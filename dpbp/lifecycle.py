@@ -31,17 +31,25 @@ What each event ends with, per phase (exit status; summary.json status; the one 
   a resume past trainer.epochs or with another split, a run directory in use: 2; one sentence.
 
 A second signal while the workers stop kills them at once (the last complete checkpoint stays).
+A parent killed outright (kill -9) cannot answer: its workers get SIGINT from the kernel, stop
+with a checkpoint, and rank 0 writes summary.json ("the parent process P was killed; ...").
 
-Bounded shutdown (`Supervisor`): from the first signal, or from the first worker that exits, the
-workers get dist.timeout_s to finish (each also exits by itself that long after its own first
-signal); then the supervisor kills what is left with SIGKILL, and if the launcher still has not
-returned SLACK_S later, it interrupts the parent's wait. So the parent exits at most
-dist.timeout_s + 2 * SLACK_S after the event, and no worker outlives it.
+Bounded shutdown (`Supervisor`): from the user's first signal, the workers get dist.timeout_s +
+SLACK_S to stop (each also exits by itself dist.timeout_s after its own first signal); from the
+first worker that dies or fails, the others get SLACK_S / 2 (with a peer gone there is no
+consistent checkpoint to write; torch.multiprocessing alone would give a worker blocked in a
+collective 30 s). Then the supervisor kills what is left with SIGKILL, and if the launcher still
+has not returned SLACK_S later, it interrupts the parent's wait. So the parent exits at most
+dist.timeout_s + 2 * SLACK_S after a signal or a worker's end, and no worker outlives it. A hang
+with no end in sight is found by the workers themselves after dist.timeout_s (a wait for a peer
+gives up), which makes it a worker's end.
 
 Why workers never let KeyboardInterrupt out: torch.multiprocessing treats a worker that ends
 with KeyboardInterrupt as killed by its parent and exits it with status 0 without a result, which
 torchelastic then waits for forever. `WorkerLife` turns every way a worker ends into an exit
-status of its own (128+N, 1) and a record.
+status of its own (128+N, 1) and a record. Workers start with SIGINT/SIGTERM blocked
+(`deaf_children`) and unblock them once their handlers are in place, so a signal during their
+imports is neither lost nor a traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import enum
+import json
 import os
 import signal
 import sys
@@ -79,6 +88,7 @@ class Phase(str, enum.Enum):
 
     @property
     def polled(self) -> bool:
+        """Whether a signal in this phase only sets the stop request."""
         return self not in (Phase.PREFLIGHT, Phase.STARTUP)
 
 
@@ -96,6 +106,7 @@ def during(phase: str | None, epoch: int | None = None) -> str:
 
 
 def signal_name(signum: int) -> str:
+    """'SIGTERM' for 15."""
     return signal.Signals(signum).name
 
 
@@ -116,15 +127,36 @@ def _route(handler: Callable[[int, Any], None]) -> Callable[[], None]:
     return restore
 
 
+_held: dict[str, Any] = {"depth": 0, "signum": None}  # see held_signals
+
+
 def guard_preflight() -> Callable[[], None]:
     """From the start of `dpbp train` until workers run: SIGINT/SIGTERM stop the parent at once
     (Stopped, which the CLI turns into one line and 128+N); nothing has started yet. Return the
     function that puts the previous handlers back."""
 
     def handler(signum: int, frame: Any) -> None:
+        if _held["depth"]:
+            _held["signum"] = _held["signum"] or signum
+            return
         raise Stopped(signum, Phase.PREFLIGHT)
 
     return _route(handler)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Under guard_preflight: a signal during the block stops the parent when the block ends,
+    not inside it (an import of torch cut in the middle cannot be done again, and the clean-up
+    needs it)."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+    if _held["depth"] == 0 and _held["signum"] is not None:
+        signum, _held["signum"] = _held["signum"], None
+        raise Stopped(signum, Phase.PREFLIGHT)
 
 
 def defer_signals() -> Callable[[], None]:
@@ -143,13 +175,15 @@ def stopped_line(e: Stopped) -> str:
 def write_outcome(run_dir: Path, summary: dict[str, Any]) -> str | None:
     """Write summary.json; None, or the sentence that says why it could not be written (a full
     disk must not turn the run's one line into a traceback)."""
-    from dpbp.logs import write_summary
-
-    try:
-        write_summary(run_dir, summary)
+    path = run_dir / "summary.json"
+    tmp = path.with_name("summary.json.tmp")
+    try:  # like logs.write_summary, without its imports (torch: a signal may have cut one)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
-            (run_dir / "summary.json.tmp").unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         return f"summary.json could not be written in {run_dir} ({describe_os_error(e)})"
     return None
 
@@ -240,8 +274,9 @@ class Supervisor:
             self.deadline = deadline
 
     def _watch(self) -> None:
-        """Arm the deadline when a worker ends; at the deadline kill the rest; SLACK_S later,
-        give up waiting for the launcher."""
+        """Arm the deadline when a worker ends (slack/2 after a death or an error, grace after a
+        stop or the end); at the deadline kill the rest; slack later, give up waiting for the
+        launcher."""
         while not self._done.wait(0.25):
             for rec in failures.read(self.run_dir).values():
                 if not failures.running(rec["pid"]):
@@ -249,7 +284,7 @@ class Supervisor:
                     # error there is nothing left to wait for (torch.multiprocessing would give
                     # a worker blocked in a collective with the dead one 30 s)
                     ended = rec.get("status") in ("completed", "interrupted")
-                    self._arm(self.grace_s if ended else self.slack_s)
+                    self._arm(self.grace_s if ended else self.slack_s / 2)
             if self.deadline is None or time.monotonic() < self.deadline:
                 continue
             for pid in self.workers():
@@ -365,10 +400,12 @@ def diagnose(run_dir: Path, modules: int, replicas: int, exits: dict[int, int | 
         if failures.signal_name(code) and rec.get("status") is None:
             return "failed", f"{name(rank)} was killed by {failures.signal_name(code)}{_where(rec)}"
     silent = [r for r, rec in sorted(records.items()) if rec.get("status") is None]
-    waited_for = [rec for rec in records.values() if rec.get("peer") in silent]
-    if waited_for:  # alive but silent: stopped (SIGSTOP), or stuck
-        rec = waited_for[0]
-        return "failed", (f"{name(rec['peer'])} stopped responding{_where(records[rec['peer']])}: "
+    waited = [rec for rec in records.values() if rec.get("peer") in silent or (
+        silent and rec.get("peer_lost") and "timed out" in str(rec.get("error")).lower())]
+    if waited:  # alive but silent: stopped (SIGSTOP), or stuck
+        rec = waited[0]
+        hung = rec["peer"] if rec.get("peer") in silent else silent[0]
+        return "failed", (f"{name(hung)} stopped responding{_where(records[hung])}: "
                           f"{name(rec['rank'])} waited dist.timeout_s for it; it was terminated")
     if silent:
         return "failed", (f"{name(silent[0])} died without reporting an error"
@@ -424,6 +461,7 @@ class WorkerLife:
                         epoch=epoch)
 
     def completed(self) -> None:
+        """The worker's part of the run is done (its record says so)."""
         failures.ended(self.run_dir, self.record, "completed")
 
     def __exit__(self, typ: Any, e: BaseException | None, tb: Any) -> bool:

@@ -115,6 +115,20 @@ def test_a_worker_killed_while_starting_is_named_not_the_survivor_the_launcher_s
     assert lifecycle.diagnose(tmp_path, 2, 1, {1: 130}, asked=signal.SIGINT)[0] == "interrupted"
 
 
+def test_a_worker_that_hangs_in_a_collective_is_named_as_such(tmp_path):
+    """SIGSTOP of a pdasgd or gpipe worker: its peer's collective times out (no PeerTimeout
+    naming the rank); the silent one is the cause, not a death."""
+    write_records(tmp_path, [
+        {"rank": 0, "phase": "training", "epoch": 3, "status": "failed", "ended": 1.0,
+         "peer_lost": True, "error": "RuntimeError: [unbound_buffer.cc:78] Timed out waiting "
+                                     "20000ms for recv operation to complete"},
+        {"rank": 1, "phase": "training", "epoch": 3},
+    ])
+    assert lifecycle.diagnose(tmp_path, 1, 2, {0: 1}) == (
+        "failed", "worker rank 1 (replica 1) stopped responding while training epoch 3: worker "
+                  "rank 0 (replica 0) waited dist.timeout_s for it; it was terminated")
+
+
 def test_a_worker_the_users_signal_caught_still_importing_was_stopped_not_failed(tmp_path):
     """Ctrl-C reaches a worker before it has a record or a handler (it dies of SIGINT)."""
     assert lifecycle.diagnose(tmp_path, 2, 1, {0: -signal.SIGINT}, asked=signal.SIGINT) == (
@@ -152,7 +166,7 @@ def stubborn_process() -> subprocess.Popen:
 @pytest.mark.parametrize("event", ["signal", "death"])
 def test_the_supervisor_bounds_the_shutdown(tmp_path, event):
     """After the user's signal (passed on, then dist.timeout_s + slack) or a worker's death
-    (slack: with a peer gone there is nothing to wait for), a worker that does not end is
+    (slack / 2: with a peer gone there is nothing to wait for), a worker that does not end is
     killed, and the parent's wait is given up (Abandoned) soon after, whatever the launcher
     does; the killed survivor is not named as the cause."""
     stubborn = stubborn_process()
@@ -174,7 +188,7 @@ def test_the_supervisor_bounds_the_shutdown(tmp_path, event):
                     time.sleep(0.05)
         took = time.monotonic() - t0
         assert stubborn.wait(timeout=5) == -signal.SIGKILL and sup.killed == [stubborn.pid]
-        assert (2.0 <= took < 4.5) if event == "signal" else (1.0 <= took < 2.5), took
+        assert (2.0 <= took < 4.5) if event == "signal" else (0.75 <= took < 2.0), took
         assert not (tmp_path / "STOP").exists()
         assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
         status, line = sup.conclude(2, 1, {0: -signal.SIGKILL, 1: -signal.SIGKILL})
