@@ -431,3 +431,25 @@ def test_a_signal_while_evaluating_or_checkpointing_stops_at_the_next_agreed_tic
         assert str(e.value).startswith("stopped by SIGTERM at tick 27 (epoch 2, after 5 of ")
         assert (run["epoch"], run["tick"]) == (1, 27)
     assert e.value.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize("algo", ["fdg", "pdasgd", "gpipe"])
+def test_the_checkpoint_position_is_checked_in_each_familys_units(algo):
+    """Ticks for the tick family (fdg drains K-1 more), batches for threads and pipelining."""
+    from dpbp import schedule
+    from dpbp.checkpoint import check_position
+
+    cfg = make_cfg(f"algo={algo}", "gpus=2", "trainer.epochs=2")
+    steps = 11 if algo == "pdasgd" else 22  # pdasgd: a global batch is 2 x 64
+    end = schedule.num_ticks(algo, cfg.modules, 2 * steps)
+    done = {"epoch": 2, "tick": end, "drained": True}
+    check_position(done, cfg, steps)  # nothing left to train: accepted here
+    inside = {"epoch": 1, "tick": steps + 3, "drained": False}
+    check_position(inside, cfg, steps)
+    with pytest.raises(ConfigError, match=r"^the checkpoint is at epoch 2, past trainer\."
+                                          r"epochs=1; resume with trainer\.epochs=2 or more"):
+        check_position(done, make_cfg(f"algo={algo}", "gpus=2", "trainer.epochs=1"), steps)
+    with pytest.raises(ConfigError, match=rf"^the checkpoint is at tick {steps + 3} \(inside "
+                                          r"epoch 2\), past trainer\.max_steps=5"):
+        check_position(inside, make_cfg(f"algo={algo}", "gpus=2", "trainer.epochs=2",
+                                        "trainer.max_steps=5"), steps)
