@@ -466,7 +466,10 @@ class WorkerLife:
 
     def __exit__(self, typ: Any, e: BaseException | None, tb: Any) -> bool:
         sys.stdout.flush()
-        if e is None or isinstance(e, SystemExit):
+        if e is None:
+            self._restore()  # a process that goes on (under torchrun: the CLI's)
+            return False
+        if isinstance(e, SystemExit):
             return False
         if isinstance(e, Interrupted):
             self._interrupted(str(e), e.signum)
@@ -488,7 +491,9 @@ class WorkerLife:
 
     def _failed(self, e: BaseException) -> None:
         lost = failures.is_peer_lost(e)
-        failures.ended(self.run_dir, self.record, "failed", failures.error_line(e),
+        line = failure_line(e, self.run_dir) if isinstance(e, OSError) else \
+            failures.error_line(e)  # a full disk outside the checkpoint writer: the same words
+        failures.ended(self.run_dir, self.record, "failed", line,
                        peer_lost=lost, tick=getattr(e, "tick", None),
                        peer=getattr(e, "peer", None))
         if lost and self.wait_on_peer:  # let the agent see the culprit's exit first
