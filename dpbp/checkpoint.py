@@ -46,6 +46,7 @@ be extended to more epochs exactly, and is refused for that.
 from __future__ import annotations
 
 import errno
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +54,7 @@ from typing import Any
 
 import torch
 
-from dpbp import algos
+from dpbp import algos, schedule
 from dpbp.config import flatten
 from dpbp.errors import CheckpointError, ConfigError
 
@@ -88,13 +89,25 @@ def _atomic_save(obj: Any, path: Path, keep: Path | None = None) -> None:
         raise
 
 
+def last_good(directory: Path) -> str:
+    """Which committed checkpoint `directory` holds, in words ("no checkpoint ..." if none)."""
+    try:
+        run = torch.load(directory / "run.pt", map_location="cpu", weights_only=True)
+        where = (f"at tick {run['tick']} (inside epoch {run['epoch'] + 1})"
+                 if run.get("epoch_seconds") else f"of epoch {run['epoch']} (tick {run['tick']})")
+        return f"the checkpoint {where} is kept in {directory}"
+    except FileNotFoundError:
+        return f"no checkpoint was written in {directory} before"
+    except Exception:  # noqa: BLE001 - a damaged run.pt: resume says what is wrong with it
+        return f"the last checkpoint in {directory} is kept"
+
+
 def _write_error(path: Path, e: OSError, directory: Path) -> CheckpointError:
     why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
         (e.strerror or type(e).__name__).lower()
-    kept = (f"the previous checkpoint in {directory} is intact" if (directory / "run.pt").exists()
-            else "no earlier checkpoint exists")
-    return CheckpointError(f"cannot write checkpoint {path.name}: {why} ({directory}); {kept}; "
-                           "free space (or fix the directory) and resume.")
+    fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the directory"
+    return CheckpointError(f"{why}: cannot write checkpoint file {path.name}; "
+                           f"{last_good(directory)}; {fix}, then resume.")
 
 
 def save_part(directory: Path, stage: int, replica: int, part: dict[str, Any]) -> None:
@@ -163,6 +176,27 @@ def check_extend(run: dict[str, Any], total_epochs: int, cfg) -> None:
             f"the checkpoint is the end of a finished {run['epoch']}-epoch algo={cfg.algo.name} "
             "run (its pipeline was drained), so more epochs would not equal a longer run; start "
             f"a new run with trainer.epochs={total_epochs}.")
+
+
+def check_position(run: dict[str, Any], cfg, steps: int) -> None:
+    """Refuse to resume from a checkpoint past where this run would end (trainer.epochs or
+    trainer.max_steps below it): the run would have nothing to do, or would train backwards."""
+    full = cfg.trainer.epochs * steps
+    batches = full if cfg.trainer.max_steps is None else min(full, cfg.trainer.max_steps)
+    epochs = math.ceil(batches / steps)
+    end = schedule.num_ticks(cfg.algo.name, cfg.modules, batches)
+    if run["epoch"] <= epochs and run["tick"] <= end:
+        return
+    at_end = run.get("drained") or run["tick"] == run["epoch"] * steps
+    where = (f"epoch {run['epoch']}" if at_end
+             else f"tick {run['tick']} (inside epoch {run['epoch'] + 1})")
+    if batches < full:
+        limit, fix = f"trainer.max_steps={cfg.trainer.max_steps}", "a larger trainer.max_steps"
+    else:
+        need = run["epoch"] + (0 if at_end else 1)
+        limit, fix = f"trainer.epochs={cfg.trainer.epochs}", f"trainer.epochs={need} or more"
+    raise ConfigError(f"the checkpoint is at {where}, past {limit}; resume with {fix}, or "
+                      "start a new run without resume.")
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -11,8 +11,12 @@ Exit status: 0 done, 1 the run failed, 2 bad input (one sentence on stderr, no t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpbp import cmdline
 from dpbp.cmdline import GROUPS
-from dpbp.errors import ConfigError, Interrupted
+from dpbp.errors import ConfigError, Interrupted, Stopped
 
 USAGE = """usage: dpbp <command> [KEY=VALUE ...]
 
@@ -75,11 +79,26 @@ def check_group_overrides(args: list[str]) -> None:
             raise ConfigError(f"unknown {group} '{value}'; choose one of {', '.join(options)}.")
 
 
-def check_output_dir(args: list[str]) -> None:
-    """Say in one sentence that the run directory cannot be made, before Hydra tries (it would
-    fail with a traceback): the nearest existing folder of hydra.run.dir (hydra.sweep.dir with
-    -m) must be a writable directory."""
-    import os
+def check_bench_keys(args: list[str]) -> None:
+    """`dpbp bench` with a key it does not have (often a `dpbp train` key): one sentence naming
+    bench's keys, before Hydra's three-line struct error."""
+    keys = sorted(k for k in OmegaConf.load(resources.files("dpbp.conf") / "bench.yaml")
+                  if k not in ("defaults", "hydra"))
+    for arg in args:
+        m = re.fullmatch(r"([A-Za-z_][\w.]*)=(.*)", arg)
+        if m is None or m.group(1).split(".")[0] in (*keys, "model", "data", "hydra"):
+            continue
+        raise ConfigError(f"dpbp bench has no key {m.group(1)}; its keys are {', '.join(keys)} "
+                          "(and model.*, data.*); a `dpbp train` key goes to every run with "
+                          f"train=[{arg}].")
+
+
+def check_output_dir(args: list[str]) -> Path | None:
+    """Say in one sentence that the run directory cannot be made or written, before Hydra tries
+    (it would fail with a traceback): the nearest existing folder of hydra.run.dir
+    (hydra.sweep.dir with -m) must be a directory that takes a file. Return the run directory
+    when the command line names it plainly (no interpolation, not a sweep), else None."""
+    from dpbp.rundir import describe_os_error
 
     sweep = "-m" in args or "--multirun" in args
     key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
@@ -88,20 +107,21 @@ def check_output_dir(args: list[str]) -> None:
     path = Path(target.split("${")[0] or ".").expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    why = ("is not a directory" if not path.is_dir() else
-           "is not writable" if not os.access(path, os.W_OK | os.X_OK) else None)
+    why = "is not a directory" if not path.is_dir() else None
+    if why is None:
+        try:  # permissions, a read-only or full disk, /proc: only a write tells (1 MiB: room
+            # for Hydra's files and the records, or the run fails later with a traceback)
+            with tempfile.TemporaryFile(dir=path, prefix=".dpbp-probe-") as f:
+                f.write(b"\0" * 2**20)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            why = f"takes no files ({describe_os_error(e)})"
     if why:
         raise ConfigError(f"cannot create the run directory {target}: {path} {why}; choose "
                           f"another with {key}DIR.")
-
-
-def record_failure(run_dir: Path, cfg: DictConfig, error: str, status: str = "failed") -> None:
-    """summary.json for a run that did not complete, with the line the user sees."""
-    from dpbp.logs import append_log, write_summary
-
-    write_summary(run_dir, {"status": status, "error": error,
-                            "config": OmegaConf.to_container(cfg, resolve=True)})
-    append_log(run_dir, f"dpbp: {'run failed: ' if status == 'failed' else ''}{error}")
+    plain = given and not sweep and "${" not in target
+    return Path(target).expanduser().absolute() if plain else None
 
 
 def discard_rejected(run_dir: Path) -> None:
@@ -125,13 +145,36 @@ def discard_rejected(run_dir: Path) -> None:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
-    """One sentence on what the checkpoints of a stopped run allow."""
-    import torch
+def end_run(run_dir: Path, cfg: DictConfig, status: str, line: str, code: int | None) -> None:
+    """A run that did not complete: summary.json with its one line (or a line saying why it
+    could not be written), the line, how to go on; then exit with `code` (None: return)."""
+    global _job_failed
+    from dpbp import lifecycle
+    from dpbp.logs import append_log
 
+    resume_guard = lifecycle.defer_signals()
+    _job_failed = True
+    note = lifecycle.write_outcome(run_dir, {"status": status, "error": line,
+                                             "config": OmegaConf.to_container(cfg, resolve=True)})
+    shown = f"dpbp: {'run failed: ' if status == 'failed' else ''}{line}"
+    print(shown, file=sys.stderr)
+    with contextlib.suppress(OSError):  # train.log holds what the console showed
+        append_log(run_dir, shown)
+    if note:
+        print(f"dpbp: {note}", file=sys.stderr)
+    print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
+    if code is not None:
+        sys.exit(code)
+    resume_guard()
+
+
+def how_to_resume(cfg: DictConfig | None, run_dir: Path) -> str:
+    """One sentence on what the checkpoints of a stopped run allow."""
     ckpt = run_dir / "checkpoints"
     if not (ckpt / "run.pt").exists():
         return "there is no checkpoint yet: rerun the same command."
+    import torch
+
     try:
         run = torch.load(ckpt / "run.pt", map_location="cpu", weights_only=True)
         where = f"epoch {run['epoch']}, tick {run['tick']}"
@@ -144,47 +187,42 @@ def how_to_resume(cfg: DictConfig, run_dir: Path) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     """The `dpbp train` Hydra job: resolve, validate, launch, print the summary."""
-    global _job_failed
-    from dpbp.config import from_dict, validate
-    from dpbp.launch import launch
-    from dpbp.logs import echo, summary_table
+    from dpbp import lifecycle
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        with lifecycle.held_signals():  # torch: seconds; a signal stops the run after them
+            from dpbp.config import from_dict, validate
+            from dpbp.launch import launch
+            from dpbp.logs import echo, summary_table
+
         rc = from_dict(OmegaConf.to_container(cfg, resolve=True))
         validate(rc)
         summary = launch(rc, run_dir)
+        resume_guard = lifecycle.defer_signals()  # the run is over: a late signal changes nothing
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         discard_rejected(run_dir)
         sys.exit(2)
     except Interrupted as e:  # stopped at an agreed tick, after a checkpoint there
-        _job_failed = True
-        record_failure(run_dir, cfg, str(e), status="interrupted")
-        print(f"dpbp: {e}", file=sys.stderr)
-        print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        _job_failed = True
-        record_failure(run_dir, cfg, "interrupted", status="interrupted")
-        print(f"dpbp: interrupted. {how_to_resume(cfg, run_dir)}", file=sys.stderr)
-        sys.exit(130)
+        end_run(run_dir, cfg, "interrupted", str(e), 128 + e.signum)
+    except KeyboardInterrupt as e:  # stopped at once (pre-flight, start-up, a second Ctrl-C)
+        line = lifecycle.stopped_line(e) if isinstance(e, Stopped) else "interrupted"
+        end_run(run_dir, cfg, "interrupted", line, 128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:
-        _job_failed = True
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        record_failure(run_dir, cfg, line)
-        print(f"dpbp: run failed: {line}", file=sys.stderr)
-        print(f"dpbp: {how_to_resume(cfg, run_dir)}", file=sys.stderr)
+        line = lifecycle.failure_line(e, run_dir)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            end_run(run_dir, cfg, "failed", line, None)
             raise  # Hydra records the failed job and goes on with the rest of the sweep
-        sys.exit(1)
-    if summary is None:
-        return None
-    sweep = HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN else None
-    echo(run_dir, summary_table(summary), f"run directory: {run_dir}" + (
-        f" (compare the sweep: tensorboard --logdir {sweep}; dpbp report {sweep})" if sweep
-        else ""))
-    return summary["final_test_acc"]
+        end_run(run_dir, cfg, "failed", line, 1)
+    if summary is not None:
+        sweep = (HydraConfig.get().sweep.dir if HydraConfig.get().mode == RunMode.MULTIRUN
+                 else None)
+        echo(run_dir, summary_table(summary), f"run directory: {run_dir}" + (
+            f" (compare the sweep: tensorboard --logdir {sweep}; dpbp report {sweep})" if sweep
+            else ""))
+    resume_guard()  # the next job of a sweep starts with its pre-flight
+    return None if summary is None else summary["final_test_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dpbp.conf", config_name="bench")
@@ -259,16 +297,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpbp: unknown command '{command}'; run `dpbp --help` for the commands.",
               file=sys.stderr)
         return 2
+    from dpbp import lifecycle, rundir
+
+    # train: SIGINT/SIGTERM from here on end in one line and 128+N (lifecycle.py)
+    restore = lifecycle.guard_preflight() if command == "train" else (lambda: None)
     try:
         check_group_overrides(rest)
-        check_output_dir(rest)
+        if command == "bench":
+            check_bench_keys(rest)
+        named = check_output_dir(rest)
         if command == "train":
             cmdline.check_keys(rest)
             rest = [*rest, *cmdline.run_name_overrides(rest)]
             cmdline.register_help()
+        if named is not None and command == "train" and rundir.takes_lock():
+            rundir.acquire(named)  # before Hydra writes there: two runs never share it
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
+        restore()
         return 2
+    except Stopped as e:
+        print(f"dpbp: {lifecycle.stopped_line(e)}", file=sys.stderr)
+        restore()
+        return 128 + e.signum
     sys.argv = [f"{sys.argv[0]} {command}", *rest]
     try:
         (train_app if command == "train" else bench_app)()
@@ -278,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         if e.code is None:  # sys.exit() means success
             return 0
         return e.code if isinstance(e.code, int) else 1
+    except Stopped as e:  # before the job began (Hydra composing the config)
+        print(f"dpbp: {lifecycle.stopped_line(e)}", file=sys.stderr)
+        if named is not None:
+            lifecycle.write_outcome(named, {"status": "interrupted",
+                                            "error": lifecycle.stopped_line(e)})
+            print(f"dpbp: {how_to_resume(None, named)}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if named is not None:
+            rundir.release(named)
+        restore()
     return 0
 
 

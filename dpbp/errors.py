@@ -29,3 +29,14 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a process at once, where there was nothing to save yet (the
+    pre-flight checks, a worker's start-up): raised by the signal handler itself. A
+    KeyboardInterrupt, so that code cleaning up after Ctrl-C cleans up after it too. `phase`:
+    where it landed (a lifecycle.Phase)."""
+
+    def __init__(self, signum: int, phase: object = None) -> None:
+        super().__init__(signum)
+        self.signum, self.phase = signum, phase

@@ -1,21 +1,17 @@
-"""Which worker of a distributed run failed first, and why: one line for the user.
+"""The workers' own records of a distributed run, and the words that name a worker and an error.
 
 When one worker dies, its neighbours fail too ("connection closed by peer") and torchelastic
 reports whichever exit it noticed first, often a victim. So every worker writes a small record in
-`<run dir>/.workers/rank<R>.json`: its pid when it starts, and how it ended (an error line, whether
-that error was only a lost peer, the tick of a divergence, or an interrupt). A worker that lost a
-peer waits a moment before it exits, so that the agent sees the culprit's exit first (with its
-signal, when it was killed). The parent then names the cause (`diagnose`):
-
-1. a worker that raised an error of its own (not a lost peer): the earliest one;
-2. else the exit torchelastic reported, when it was a signal (kill -9, out of memory);
-3. else a worker that started but never reported: one a neighbour waited for in vain (it hung,
-   or was stopped), or one that died without a word;
-4. else what torchelastic reported.
+`<run dir>/.workers/rank<R>.json`: its pid when it starts, the phase it is in (lifecycle.Phase,
+with the epoch), and how it ended (an error line, whether that error was only a lost peer, the
+tick of a divergence, or an interrupt). A worker that lost a peer waits a moment before it exits,
+so that the agent sees the culprit's exit first (with its signal, when it was killed). The parent
+names the cause from these records (lifecycle.diagnose).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,19 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dpbp.p2p import PeerTimeout
+from dpbp.errors import CheckpointError, ConfigError, Divergence
 
 RECORDS = ".workers"
+RECORD_BYTES = 4096  # every record file has this size (see _write)
 PEER_LOST_GRACE_S = 2.0  # how long a worker that lost a peer waits for the agent to stop it
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
               "timed out", "timeout", "socket closed", "connection refused")
 
 
 def worker_name(rank: int, modules: int, replicas: int = 1) -> str:
-    """'worker rank 3 (module 2)' (with its replica when there are several)."""
+    """'worker rank 3 (module 2)' (with its replica when there are several; 'replica 1' alone
+    when every worker holds the whole model)."""
     replica, k = divmod(rank, modules)
+    if modules == 1 and replicas > 1:
+        return f"worker rank {rank} (replica {replica})"
     where = f"module {k + 1}" + (f" of replica {replica}" if replicas > 1 else "")
     return f"worker rank {rank} ({where})"
 
@@ -45,11 +43,28 @@ def _path(run_dir: Path, rank: int) -> Path:
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
+    """Write a record, padded to RECORD_BYTES: through a temporary file and a rename (a reader
+    sees the old record or the new one), or, when that finds no space, over the old file in
+    place (it keeps its size), so that a worker can still say what went wrong when the disk has
+    filled up (a reader that catches that write half done skips the record until the next
+    read)."""
+    data = json.dumps(record).encode()
+    data += b" " * (RECORD_BYTES - len(data))
+    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
+        return
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
     except OSError:  # a full disk must not hide the error being reported
         pass
 
@@ -69,12 +84,32 @@ def started(run_dir: Path, rank: int) -> dict[str, Any]:
     return record
 
 
+def update(run_dir: Path, record: dict[str, Any], **fields: Any) -> None:
+    """Record what this worker is doing now (its phase and epoch: lifecycle.py)."""
+    record.update(fields)
+    _write(_path(run_dir, record["rank"]), record)
+
+
+def running(pid: int) -> bool:
+    """Whether a process with this pid still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def ended(run_dir: Path, record: dict[str, Any], status: str, error: str | None = None,
           peer_lost: bool = False, tick: int | None = None, peer: int | None = None) -> None:
     """Record how this worker ended: completed, interrupted or failed (`peer`: the rank it
     waited for in vain)."""
-    record.update(status=status, error=error, peer_lost=peer_lost, tick=tick, peer=peer,
-                  ended=time.time())
+    record.update(status=status, error=error and error[:1000], peer_lost=peer_lost, tick=tick,
+                  peer=peer, ended=time.time())
     _write(_path(run_dir, record["rank"]), record)
 
 
@@ -92,6 +127,10 @@ def read(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 def is_peer_lost(e: BaseException) -> bool:
     """Whether an exception only says that another process went away or stopped answering."""
+    import torch
+
+    from dpbp.p2p import PeerTimeout
+
     if isinstance(e, (PeerTimeout, getattr(torch.distributed, "DistError", ()))):
         return True
     text = str(e).lower()
@@ -99,11 +138,14 @@ def is_peer_lost(e: BaseException) -> bool:
 
 
 def error_line(e: BaseException) -> str:
-    """The exception as one line: its type and the first line of its message."""
+    """The exception as one line: the first line of its message, after its type unless it is one
+    of dpbp's own sentences (a full disk, a bad checkpoint, a divergence)."""
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
     if isinstance(e, RuntimeError) and "connection closed by peer" in first.lower():
         first = "a neighbouring worker went away (connection closed by peer)"
+    if isinstance(e, (CheckpointError, ConfigError, Divergence)) and first:
+        return first
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
@@ -115,35 +157,3 @@ def signal_name(exitcode: int | None) -> str | None:
         return f"signal {-exitcode} ({signal.Signals(-exitcode).name})"
     except ValueError:
         return f"signal {-exitcode}"
-
-
-def diagnose(run_dir: Path, modules: int, replicas: int, rank: int, exitcode: int | None,
-             message: str) -> tuple[str, str]:
-    """(status, one line) for a launch that torchelastic reports as failed at `rank`."""
-    records = read(run_dir)
-    name = lambda r: worker_name(r, modules, replicas)  # noqa: E731
-    own = [r for r in records.values() if r.get("status") == "failed" and not r.get("peer_lost")]
-    if own:
-        # a divergence names its tick: the earliest one is the cause, the others followed it
-        first = min(own, key=lambda r: (r.get("tick") is None, r.get("tick") or 0, r["ended"]))
-        return "failed", f"{name(first['rank'])} failed: {first['error']}"
-    stopped = [r for r in records.values() if r.get("status") == "interrupted"]
-    if stopped:
-        return "interrupted", stopped[0]["error"]
-    killed = signal_name(exitcode)
-    if killed and records.get(rank, {}).get("status") is None:
-        return "failed", f"{name(rank)} was killed by {killed}"
-    silent = [r for r, rec in sorted(records.items()) if rec.get("status") is None]
-    waited_for = [rec for rec in records.values() if rec.get("peer") in silent]
-    if waited_for:  # alive but silent: stopped (SIGSTOP), or stuck
-        rec = waited_for[0]
-        return "failed", (f"{name(rec['peer'])} stopped responding: {name(rec['rank'])} waited "
-                          "dist.timeout_s for it; it was terminated")
-    if silent:
-        return "failed", (f"{name(silent[0])} died without reporting an error (killed by a "
-                          "signal, e.g. out of memory or kill -9)")
-    lost = [r for r in records.values() if r.get("status") == "failed"]
-    if lost:
-        first = min(lost, key=lambda r: r["ended"])
-        return "failed", f"{name(first['rank'])} failed: {first['error']}"
-    return "failed", f"{name(rank)} failed: {message}"

@@ -13,10 +13,11 @@ the flag is agreed with one blocking all-reduce.
 A file named STOP in the run directory asks the same as SIGTERM (where signalling every process
 is awkward, or from a test); the run deletes it when it has stopped.
 
-A process whose run does not poll (before the tick loop, async algorithms) gets the ordinary
-KeyboardInterrupt at once. A second signal in a process that runs alone stops it at once too
-(the last checkpoint stays intact); a worker instead exits by itself `grace_s` after the first
-signal if the stop has not finished by then, so that nothing waits forever on a dead peer.
+A process whose run does not poll yet (start-up: before its first tick) is stopped at once
+(`Stopped`, a KeyboardInterrupt that names the signal). A second signal in a process that runs
+alone stops it at once too (the last checkpoint stays intact); a worker instead exits by itself
+`grace_s` after the first signal if the stop has not finished by then, so that nothing waits
+forever on a dead peer. What a signal means in each phase of a run: lifecycle.py.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from dpbp.errors import Stopped
+
+if TYPE_CHECKING:
+    import torch
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,23 +41,41 @@ STOP_FILE = "STOP"
 
 
 class StopRequest:
-    """The signal that asked this process to stop (None: none yet) and why, in words."""
+    """The signal that asked this process to stop (None: none yet) and why, in words; and the
+    phase the process is in (lifecycle.Phase), which says what a signal does there."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: Callable[[Any, int | None], None] | None = None) -> None:
+        """`listener(phase, epoch)`: told of every phase change (a worker records it)."""
         self.signum: int | None = None
         self.reason = ""
         self.watched = False  # the run polls the request: a signal need not interrupt it
+        self.phase: Any = None
+        self.epoch: int | None = None
+        self.listener = listener
 
     def set(self, signum: int, reason: str | None = None) -> None:
         if self.signum is None:
             self.signum = signum
             self.reason = reason or f"by {signal.Signals(signum).name}"
 
+    def enter(self, phase: Any, epoch: int | None = None) -> None:
+        """The process enters `phase` (a lifecycle.Phase) of `epoch` (1-based; None: none)."""
+        if (phase, epoch) == (self.phase, self.epoch):
+            return
+        self.phase, self.epoch = phase, epoch
+        self.watched = self.watched or bool(getattr(phase, "polled", False))
+        if self.listener is not None:
+            self.listener(phase, epoch)
+
 
 def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], None]:
     """Route SIGINT and SIGTERM to `request`; return a function that restores the previous
-    handlers. `grace_s`: exit the process that long after the first signal if still running
-    (workers); None: a second signal raises KeyboardInterrupt (a process that runs alone)."""
+    handlers. Until the run polls the request (start-up), the first signal raises Stopped at
+    once: there is nothing to save yet.
+
+    `grace_s` (a worker): exit the process that long after the first signal if it is still
+    running, and ignore further signals (a second exception would escape the clean-up); None (a
+    process that runs alone): a second signal raises KeyboardInterrupt at once."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # signals are delivered to the main thread only
 
@@ -64,7 +86,9 @@ def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], 
             timer = threading.Timer(grace_s, os._exit, args=(128 + signum,))
             timer.daemon = True
             timer.start()
-        if not request.watched or (not first and grace_s is None):
+        if first and not request.watched:
+            raise Stopped(signum, request.phase)
+        if not first and grace_s is None:
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
@@ -90,6 +114,8 @@ class Agreement:
         if self.request.signum is None and self.stop_file is not None \
                 and self.stop_file.exists():
             self.request.set(signal.SIGTERM, f"because {self.stop_file} exists")
+        import torch
+
         return torch.tensor([self.request.signum or 0], dtype=torch.int64)
 
     def reason(self, signum: int) -> str:

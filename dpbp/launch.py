@@ -4,34 +4,35 @@
     torchrun --nproc-per-node 4 -m dpbp.cli train algo=ddg gpus=4 hydra.run.dir=runs/ddg4
                                                    # already under torchrun: each process joins
 
-The parent (the Hydra job) validates everything that can be validated without workers (data
-present, split possible, devices present, output directory writable, resume possible), so bad
-input never starts a process. It then starts `gpus` workers with torchelastic's programmatic
-launcher on a free port (sweeps never collide), passing the resolved config as a plain dict and
-the run directory; or, with one worker or executor=local, trains in-process.
+The parent (the Hydra job) holds the run directory's lock (rundir.py) and validates everything
+that can be validated without workers (data present, split possible, devices present, output
+directory writable, resume possible: the checkpoint not past the run's end, the same split), so
+bad input never starts a process; a resume whose checkpoint already ends the run starts none.
+It then starts `gpus` workers with torchelastic's programmatic launcher on a free port (sweeps
+never collide), passing the resolved config as a plain dict and the run directory; or, with one
+worker or executor=local, trains in-process.
 
-Ending. A worker that dies or raises makes torchelastic stop the others (SIGTERM, then SIGKILL);
-its neighbours' communication fails at once, and any wait is bounded by dist.timeout_s (a
-signalled worker also exits by itself that long after the signal). The parent names the rank,
-module and cause in one line (failures.py), writes summary.json and raises RuntimeError.
-SIGINT/SIGTERM on the parent are passed on to the workers (and a STOP file is left for workers
-still starting; Ctrl-C reaches the whole process group anyway); they stop at a tick they agree
-on, after a checkpoint there (interrupt.py, train.py), and exit with 128 + the signal, and the
-parent raises Interrupted. A parent killed outright takes its workers along: they get SIGINT
-from the kernel (torch sets PR_SET_PDEATHSIG), checkpoint and exit.
+Ending (lifecycle.py owns it: phases, what each signal or death means in each, a bounded
+shutdown). A worker that dies or raises makes torchelastic stop the others (SIGTERM, then
+SIGKILL); its neighbours' communication fails at once, and any wait is bounded by dist.timeout_s.
+The parent names the rank, module, phase and cause in one line (lifecycle.diagnose), writes
+summary.json and raises RuntimeError. SIGINT/SIGTERM on the parent are passed on to the workers
+(and a STOP file is left for workers still starting); they stop at a tick they agree on, after a
+checkpoint there (interrupt.py, train.py), and exit with 128 + the signal, and the parent raises
+Interrupted. A parent killed outright takes its workers along: they get SIGINT from the kernel
+(torch sets PR_SET_PDEATHSIG), checkpoint and exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
 import os
 import signal
 import sys
-import threading
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -45,15 +46,15 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from dpbp import failures
+from dpbp import failures, lifecycle, rundir
 from dpbp.build import WorkerContext, build_model, pick_device, resolve_balance
-from dpbp.checkpoint import check_extend, check_resume
+from dpbp.checkpoint import check_extend, check_position, check_resume, find
 from dpbp.config import RunConfig, from_dict
 from dpbp.data import load_dataset
 from dpbp.errors import ConfigError, Interrupted
 from dpbp.feed import steps_per_epoch
 from dpbp.interrupt import STOP_FILE, StopRequest, install
-from dpbp.logs import RunLogger, write_summary
+from dpbp.logs import RunLogger
 from dpbp.models import describe_blocks
 from dpbp.train import train
 
@@ -74,6 +75,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
     steps = steps_per_epoch(ds, cfg.trainer.batch_size * cfg.algo.replicas)
     if run is not None:
+        check_position(run, cfg, steps)
         batches = cfg.trainer.epochs * steps
         if cfg.trainer.max_steps is not None:
             batches = min(batches, cfg.trainer.max_steps)
@@ -82,9 +84,49 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     counts = resolve_balance(cfg, blocks, ds, pick_device(cfg, local_rank)
                              if cfg.split.by == "time" else torch.device("cpu"))
+    if run is not None:
+        check_same_split(run, counts)
     if not quiet:
         print_split(cfg, blocks, counts, describe_blocks(cfg.model, blocks))
     return counts
+
+
+def check_same_split(run: dict[str, Any], counts: list[int]) -> None:
+    """A resumed run cuts the model where its checkpoint did (each stage file holds one
+    module's weights)."""
+    saved = (run.get("config") or {}).get("split", {}).get("balance")
+    if saved is not None and list(saved) != list(counts):
+        raise ConfigError(f"the checkpoint was trained with split.balance={list(saved)} but this "
+                          f"run cuts the model as {list(counts)}; resume with "
+                          f"split.balance=[{','.join(map(str, saved))}].")
+
+
+def nothing_left(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of the run that a resume continues when its checkpoint already ends where this
+    run would end (nothing left to train); None when there is training to do, or no finished
+    summary to give (then the workers write one from the checkpoint)."""
+    if not cfg.resume:
+        return None
+    src = find(cfg.resume, run_dir)
+    run = torch.load(src / "run.pt", map_location="cpu", weights_only=True)
+    steps = steps_per_epoch(load_dataset(cfg.data, "cpu", seed=cfg.seed),
+                            cfg.trainer.batch_size * cfg.algo.replicas)
+    batches = cfg.trainer.epochs * steps
+    if cfg.trainer.max_steps is not None:
+        batches = min(batches, cfg.trainer.max_steps)
+    if run["epoch"] < math.ceil(batches / steps):
+        return None
+    try:
+        summary = json.loads((src.parent / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "completed" or summary.get("epochs") != run["epoch"]:
+        return None
+    print(f"dpbp: nothing left to train: the checkpoint in {src} is at the end of epoch "
+          f"{run['epoch']} of {run['epoch']}; its summary follows.", file=sys.stderr)
+    if src.parent.resolve() != run_dir.resolve():
+        lifecycle.write_outcome(run_dir, summary)
+    return summary
 
 
 def check_writable(run_dir: Path) -> None:
@@ -115,66 +157,70 @@ def print_split(cfg: RunConfig, blocks, counts: list[int], labels: list[str]) ->
 def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     """Run training as configured; return the summary (None on non-last torchrun ranks).
 
-    Raises Interrupted after SIGINT/SIGTERM, RuntimeError naming the worker when one failed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier run
+    Raises Interrupted after SIGINT/SIGTERM, RuntimeError naming the worker when one failed,
+    ConfigError when the run directory is in use by another run (rundir.py)."""
     # under torchrun every process runs this; each checks and splits (rank 0 prints)
     joined = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if joined and int(os.environ["WORLD_SIZE"]) != cfg.gpus:
         raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes but "
                           f"gpus={cfg.gpus}; make them equal.")
-    cfg.split.balance = preflight(cfg, quiet=joined and os.environ.get("RANK", "0") != "0",
-                                  run_dir=run_dir)
-    if joined:
-        return worker_main(cfg.to_dict(), str(run_dir), joined=True)
-    if cfg.gpus == 1 or cfg.executor == "local":
-        stop = StopRequest()
-        restore = install(stop)
-        try:
-            return train(cfg, run_dir, logger_factory=RunLogger, stop=stop)
-        finally:
-            restore()
-    return launch_workers(cfg, run_dir)
+    with rundir.hold(run_dir):
+        if cfg.resume and cfg.resume is not True:
+            rundir.check_free(find(cfg.resume, run_dir).parent)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier run
+        cfg.split.balance = preflight(cfg, quiet=joined and os.environ.get("RANK", "0") != "0",
+                                      run_dir=run_dir)
+        if (done := nothing_left(cfg, run_dir)) is not None:
+            return done
+        if joined:
+            return worker_main(cfg.to_dict(), str(run_dir), joined=True)
+        if cfg.gpus == 1 or cfg.executor == "local":
+            return train_here(cfg, run_dir)
+        return launch_workers(cfg, run_dir)
+
+
+def train_here(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Train in this process (one worker, or executor=local): SIGINT/SIGTERM stop it at a
+    checked chunk end with a checkpoint (at once during start-up)."""
+    stop = StopRequest()
+    restore = install(stop)
+    try:
+        return train(cfg, run_dir, logger_factory=RunLogger, stop=stop)
+    finally:
+        restore()
 
 
 def launch_workers(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
-    """Start the workers with torchelastic and wait for them; name the cause if one fails."""
+    """Start the workers with torchelastic and wait for them, under a Supervisor (signals passed
+    on, a bounded shutdown); name the cause if the run did not complete."""
     failures.clear(run_dir)
-    stop = StopRequest()
-    # workers get dist.timeout_s to stop after a signal; then they are killed
-    grace = cfg.dist.timeout_s + 15
-    killed: list[int] = []
-    restore = forward_signals(stop, run_dir, grace, killed)
     lc = launch_config(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.gpus, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
-        # on SIGINT/SIGTERM the workers stop at an agreed tick and checkpoint; they give up by
-        # themselves dist.timeout_s after the signal, before torchelastic's SIGKILL
-        shutdown_timeout=int(grace),
-        signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT/SIGTERM: forward_signals
+        # after a worker failed, the others get SIGTERM, then SIGKILL SLACK_S later: with a peer
+        # gone there is no consistent checkpoint to write, and a worker blocked in a collective
+        # with the dead one (while starting) cannot even run its signal handler
+        shutdown_timeout=int(lifecycle.SLACK_S),
+        signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT/SIGTERM: lifecycle.Supervisor
     )
-    try:
-        with quiet_torchelastic():
-            results = elastic_launch(lc, worker_main)(cfg.to_dict(), str(run_dir))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        status, line = failures.diagnose(run_dir, cfg.modules, cfg.algo.replicas, rank,
-                                         failure.exitcode, last_line(failure.message))
-        if killed and stop.signum is not None:
-            status, line = "interrupted", (
-                f"stopped by {signal.Signals(stop.signum).name}: the workers did not stop "
-                f"within {grace:g} s and were killed; the last checkpoint is kept")
-        if status == "interrupted":
-            raise Interrupted(line, stop.signum or _signum(failure.exitcode)) from None
-        write_summary(run_dir, {"status": "failed", "error": line, "config": cfg.to_dict()})
-        raise RuntimeError(line) from None
-    except SignalException as e:  # a signal we do not handle (SIGHUP, SIGQUIT)
-        raise Interrupted(f"stopped by {e.sigval.name}; the workers were terminated",
-                          int(e.sigval)) from None
-    finally:
-        restore()
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    with lifecycle.Supervisor(run_dir, cfg.dist.timeout_s) as sup:
+        try:
+            with quiet_torchelastic(), lifecycle.deaf_children():
+                results = elastic_launch(lc, worker_main)(cfg.to_dict(), str(run_dir))
+        except ChildFailedError as e:
+            _, first = e.get_first_failure()
+            status, line = sup.conclude(cfg.modules, cfg.algo.replicas,
+                                        {r: f.exitcode for r, f in e.failures.items()},
+                                        last_line(first.message),
+                                        {r: worker_error(f) for r, f in e.failures.items()})
+            _end(cfg, run_dir, status, line, sup.asked or _signum(first.exitcode))
+        except lifecycle.Abandoned:
+            _end(cfg, run_dir, "interrupted" if sup.asked else "failed", sup.late(),
+                 sup.asked or int(signal.SIGTERM))
+        except SignalException as e:  # a signal we do not handle (SIGHUP, SIGQUIT)
+            raise Interrupted(f"stopped by {e.sigval.name}; the workers were terminated",
+                              int(e.sigval)) from None
     return results.get(cfg.modules - 1)  # replica 0's last stage reports
 
 
@@ -186,52 +232,18 @@ def launch_config(**settings: Any) -> LaunchConfig:
     return LaunchConfig(**{k: v for k, v in settings.items() if k in known})
 
 
+def _end(cfg: RunConfig, run_dir: Path, status: str, line: str, signum: int) -> None:
+    """Raise what a run that did not complete ends with (the CLI writes summary.json)."""
+    if status == "interrupted":
+        raise Interrupted(line, signum)
+    lifecycle.write_outcome(run_dir, {"status": "failed", "error": line,
+                                      "config": cfg.to_dict()})
+    raise RuntimeError(line)
+
+
 def _signum(exitcode: int | None) -> int:
     """The signal a worker that stopped on one exits for (128 + N)."""
     return exitcode - 128 if exitcode and exitcode > 128 else int(signal.SIGTERM)
-
-
-def forward_signals(stop: StopRequest, run_dir: Path, grace_s: float, killed: list[int]):
-    """SIGINT/SIGTERM on the parent: pass the signal to every worker and leave a STOP file
-    (for workers not started yet); the workers stop at an agreed tick with a checkpoint. The
-    parent goes on waiting for them, `grace_s` at most, then kills what is left (pids appended
-    to `killed`). torchelastic's own handlers, which raise in the middle of whatever the parent
-    does, are not used."""
-
-    def kill_the_rest() -> None:
-        for rec in failures.read(run_dir).values():
-            if rec.get("status") is None:  # has not ended by itself
-                with contextlib.suppress(OSError):
-                    os.kill(rec["pid"], signal.SIGKILL)
-                    killed.append(rec["pid"])
-
-    timer = threading.Timer(grace_s, kill_the_rest)
-    timer.daemon = True
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting (torchelastic kills them)
-        if stop.signum is None:
-            timer.start()
-        stop.set(signum)
-        with contextlib.suppress(OSError):
-            (run_dir / STOP_FILE).touch()
-        for rec in failures.read(run_dir).values():
-            if rec.get("status") is None:
-                with contextlib.suppress(OSError):
-                    os.kill(rec["pid"], signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        timer.cancel()  # the workers are gone: their pids may belong to others soon
-        for s, h in previous.items():
-            signal.signal(s, h)
-        os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)  # set by elastic_launch
-
-    return restore
 
 
 @contextlib.contextmanager
@@ -252,6 +264,16 @@ def quiet_torchelastic():
             lg.setLevel(level)
 
 
+def worker_error(failure: Any) -> str:
+    """The error a worker raised, as torchelastic collected it ("" if it raised none: killed,
+    or exited with a status of its own), in the words failures.error_line uses."""
+    if failure.exitcode != 1 or not isinstance(failure.message, dict):
+        return ""
+    line = last_line(failure.message)
+    name, _, text = line.partition(": ")
+    return text if name in ("CheckpointError", "ConfigError", "Divergence") else line
+
+
 def last_line(message: Any) -> str:
     """The exception line of a worker's error message (its last line)."""
     if isinstance(message, dict):
@@ -263,21 +285,21 @@ def last_line(message: Any) -> str:
 @record  # a worker's exception reaches the parent's ChildFailedError with its message
 def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
                 ) -> dict[str, Any] | None:
-    """One worker: join the process group, train its stage, leave cleanly; on the way out
-    record how it ended (failures.py)."""
-    cfg = from_dict(cfg_dict)
-    ctx = WorkerContext(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                        local_rank=int(os.environ.get("LOCAL_RANK", "0")), distributed=True)
-    stop = StopRequest()
-    install(stop, grace_s=cfg.dist.timeout_s)
-    rec = failures.started(Path(run_dir), ctx.rank)
-    device = pick_device(cfg, ctx.local_rank)
-    backend = cfg.dist.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
+    """One worker: join the process group, train its stage, leave cleanly; its lifecycle
+    (signals, phase, record, exit status) is lifecycle.WorkerLife's."""
+    with lifecycle.WorkerLife(Path(run_dir), int(os.environ["RANK"]),
+                              cfg_dict["dist"]["timeout_s"], wait_on_peer=not joined,
+                              config=cfg_dict) as life:
+        cfg = from_dict(cfg_dict)
+        ctx = WorkerContext(rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")), distributed=True)
+        device = pick_device(cfg, ctx.local_rank)
+        backend = cfg.dist.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         try:
@@ -285,28 +307,9 @@ def worker_main(cfg_dict: dict[str, Any], run_dir: str, joined: bool = False
                 box = [cfg.split.balance]
                 dist.broadcast_object_list(box, src=0)
                 cfg.split.balance = box[0]
-            summary = train(cfg, Path(run_dir), ctx, logger_factory=RunLogger, stop=stop)
+            summary = train(cfg, Path(run_dir), ctx, logger_factory=RunLogger, stop=life.stop)
             dist.barrier()
         finally:
             dist.destroy_process_group()
-    except Interrupted as e:
-        failures.ended(Path(run_dir), rec, "interrupted", str(e))
-        sys.stdout.flush()
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:  # a signal before the first tick: nothing to save yet
-        failures.ended(Path(run_dir), rec, "interrupted",
-                       f"stopped {stop.reason or 'by SIGINT'} before training began; nothing saved")
-        raise
-    except BaseException as e:
-        lost = failures.is_peer_lost(e)
-        peer = getattr(e, "peer", None)
-        failures.ended(Path(run_dir), rec, "failed", failures.error_line(e), peer_lost=lost,
-                       tick=getattr(e, "tick", None), peer=peer)
-        if lost and not joined:  # let the agent see the culprit's exit first, then stop us
-            deadline = time.monotonic() + failures.PEER_LOST_GRACE_S
-            while stop.signum is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        raise
-    failures.ended(Path(run_dir), rec, "completed")
-    sys.stdout.flush()
+        life.completed()
     return summary

@@ -36,6 +36,7 @@ from dpbp.build import WorkerContext
 from dpbp.config import RunConfig
 from dpbp.errors import Interrupted
 from dpbp.interrupt import STOP_FILE, Agreement, StopRequest
+from dpbp.lifecycle import Phase
 from dpbp.logs import write_summary
 from dpbp.lr import lr_at
 
@@ -142,6 +143,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
         src = checkpoint.find(cfg.resume, run_dir)
         state = RunState(**checkpoint.load_run(src, cfg))
         runner.restore(src, state.tick)
+        checkpoint.check_position(asdict(state), cfg, plan.steps)
         checkpoint.check_extend(asdict(state), plan.epochs, cfg)
     control = Agreement(stop or StopRequest(), runner.control_group, run_dir / STOP_FILE)
     state.wall_start = state.wall_start or time.time()
@@ -153,6 +155,7 @@ def train(cfg: RunConfig, run_dir: Path, ctx: WorkerContext | None = None,
             loop.evaluate_start()
         for epoch in range(state.epoch, plan.epochs):
             loop.epoch(epoch)
+        control.request.enter(Phase.SHUTDOWN)
         stats = runner.stats()
         control.close()
         runner.finish()
@@ -175,6 +178,7 @@ class _Loop:
 
     def save(self, tick: int) -> None:
         """Checkpoint between positions tick-1 and tick, in every process, consistently."""
+        self.control.request.enter(Phase.CHECKPOINT, self.control.request.epoch)
         self.state.tick = tick
         self.runner.save(self.ckpt_dir, self.state)
         self.runner.sync()  # every part is on disk before run.pt names their tick
@@ -211,9 +215,10 @@ class _Loop:
         epoch, done = divmod(tick, self.plan.steps)
         saved = (f"checkpoint written to {self.ckpt_dir}" if self.cfg.trainer.checkpoint
                  else "nothing saved (trainer.checkpoint=false)")
-        raise Interrupted(f"stopped {self.control.reason(signum)} at tick {tick} (epoch "
-                          f"{epoch + 1}, after {done} of its {self.plan.steps} batches); {saved}",
-                          signum)
+        where = (f"the end of epoch {epoch}" if done == 0 else
+                 f"epoch {epoch + 1}, after {done} of its {self.plan.steps} batches")
+        raise Interrupted(f"stopped {self.control.reason(signum)} at tick {tick} ({where}); "
+                          f"{saved}", signum)
 
     def span(self, start: int, stop: int, carried: float, t0: float) -> None:
         """Run positions [start, stop) in checked chunks (the epoch's clock started at t0)."""
@@ -242,6 +247,7 @@ class _Loop:
         start = max(first, state.tick)  # a checkpoint may lie inside the epoch
         final = epoch == plan.epochs - 1
         stop = plan.end if final else (epoch + 1) * plan.steps
+        self.control.request.enter(Phase.TRAINING, epoch + 1)
         runner.begin_epoch(stop, cfg.trainer.checkpoint and not final)
         carried, state.epoch_seconds = state.epoch_seconds, 0.0
         t0 = time.perf_counter()
@@ -252,6 +258,7 @@ class _Loop:
         state.train_seconds += seconds
         state.images += images
         state.drained = state.drained or final
+        self.control.request.enter(Phase.EVALUATION, epoch + 1)
         test_loss, test_acc = runner.evaluate()
         state.epoch = epoch + 1
         sums = runner.train_sums()
