@@ -130,8 +130,11 @@ def discard_rejected(run_dir: Path) -> None:
     above it, and the default outputs/ root, that are left empty (a sweep keeps its runs)."""
     import shutil
 
-    def hydra_only(folder: Path) -> bool:  # Hydra's config, its job log, a sweep's record
-        return all(p.name in (".hydra", "multirun.yaml") or p.suffix == ".log"
+    from dpbp.rundir import LOCK_FILE
+
+    def hydra_only(folder: Path) -> bool:  # Hydra's config, its job log, a sweep's record,
+        # the lock this process took on a named run directory
+        return all(p.name in (".hydra", "multirun.yaml", LOCK_FILE) or p.suffix == ".log"
                    for p in folder.iterdir())
 
     if not run_dir.is_dir() or not hydra_only(run_dir):
