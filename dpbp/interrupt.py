@@ -100,6 +100,16 @@ def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], 
     return restore
 
 
+def _stop_file_request(path: Path) -> tuple[int, str]:
+    """(signal, reason) a STOP file asks for: the signal the parent forwarded, when it wrote
+    the file for its workers (its name inside), else SIGTERM because the file exists."""
+    try:
+        name = path.read_text().strip()
+        return int(signal.Signals[name]), f"by {name}"
+    except (OSError, KeyError):
+        return int(signal.SIGTERM), f"because {path} exists"
+
+
 class Agreement:
     """Polls a StopRequest at the same points in every process; all get the same answer."""
 
@@ -113,7 +123,7 @@ class Agreement:
     def _flag(self) -> torch.Tensor:
         if self.request.signum is None and self.stop_file is not None \
                 and self.stop_file.exists():
-            self.request.set(signal.SIGTERM, f"because {self.stop_file} exists")
+            self.request.set(*_stop_file_request(self.stop_file))
         import torch
 
         return torch.tensor([self.request.signum or 0], dtype=torch.int64)

@@ -261,7 +261,7 @@ class Supervisor:
             return
         self.asked = signum
         with contextlib.suppress(OSError):  # for workers that have not installed handlers yet
-            (self.run_dir / STOP_FILE).touch()
+            (self.run_dir / STOP_FILE).write_text(signal.Signals(signum).name)
         for pid in self.workers():
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)

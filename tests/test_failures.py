@@ -134,7 +134,9 @@ def test_sigterm_to_the_parent_stops_cleanly_with_a_checkpoint_that_resumes(tmp_
     assert summary["status"] == "interrupted" and summary["error"] == lines[0][len("dpbp: "):]
     tick = int(lines[0].split("tick ")[1].split(" ")[0])
     run = torch.load(run_dir / "checkpoints" / "run.pt", weights_only=True)
-    assert run["tick"] == tick and tick > run["epoch"] * 22  # inside epoch 2, not its start
+    # after the epoch-1 checkpoint the signal followed: inside epoch 2 or at its end (a fast
+    # epoch can end before the parent's signal reaches the workers)
+    assert run["tick"] == tick and tick > 22
     assert not any(running(pid) for pid in worker_pids(run_dir).values())
     assert_resumes_exactly(run_dir, "fr", 2)
 
