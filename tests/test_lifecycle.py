@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUICK, make_cfg
+from test_failures import write_records
 
 from dpbp import failures, lifecycle, rundir
 from dpbp.cli import main
@@ -94,13 +95,6 @@ def test_a_signal_stops_start_up_at_once_and_training_at_a_checked_chunk(tmp_pat
 
 
 # -- naming the cause --------------------------------------------------------------------------
-
-
-def write_records(run_dir: Path, records: list[dict]) -> None:
-    for rec in records:
-        path = run_dir / failures.RECORDS / f"rank{rec['rank']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"pid": 1, "started": 0.0, **rec}))
 
 
 def test_a_worker_killed_while_starting_is_named_not_the_survivor_the_launcher_stopped(tmp_path):
