@@ -13,6 +13,13 @@ drift of a shared machine hits all rows alike; a row's figure is the median over
 with the spread (min-max) beside it. `time_budget_s` starts no repeat that would not end inside
 the budget (judged by the repeats so far) and no case once it is spent.
 
+Multi-module runs are cut by the bench's `split`: `time` (the default) profiles each block's
+forward, backward and step once in the bench's process and gives every run with K modules the
+same balanced counts (`split.balance`); on a CPU the early blocks, with wide feature maps and few
+channels, cost several times more per flop than the late ones, and a flops split made module 1
+of ResNet-20 the bottleneck of every 2-module pipeline. `flops` leaves each run to `dpbp train`'s
+default split (counted flops).
+
 Per row: images/s, speedup over BP on one worker, parallel efficiency (speedup / workers), the
 machine's ceiling (W independent one-worker BP processes side by side, no communication: the
 speedup the hardware allows) and efficiency against it, peak memory per module, and the share of
@@ -100,6 +107,7 @@ class Measurement:
     seconds: float | None = None
     peak_memory_bytes: list[int | None] = field(default_factory=list)
     compute_share: list[float | None] = field(default_factory=list)
+    split: list[int] = field(default_factory=list)  # blocks per module, as the run cut them
     run_dir: str = ""
     error: str | None = None
 
@@ -120,7 +128,8 @@ def measurement(case: Case, repeat: int, summaries: list[dict[str, Any]],
                        images_per_second=sum(p[0] for p in parts),
                        images=sum(p[1] for p in parts), seconds=max(p[2] for p in parts),
                        peak_memory_bytes=list(s.get("peak_memory_bytes") or []),
-                       compute_share=share, run_dir=run_dir)
+                       compute_share=share, split=list(s.get("split") or []),
+                       run_dir=run_dir)
 
 
 def spread(values: list[float]) -> tuple[float | None, float | None, float | None]:
@@ -164,6 +173,7 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
             else None,
             "peak_memory_bytes": done[len(done) // 2].peak_memory_bytes if done else [],
             "compute_share": done[len(done) // 2].compute_share if done else [],
+            "split": done[len(done) // 2].split if done else [],
         })
     return out
 
@@ -183,8 +193,10 @@ def attach_predictions(rows: list[dict[str, Any]], predictions: list[dict[str, A
             else None
 
 
-def train_overrides(cfg: dict[str, Any], case: Case) -> list[str]:
-    """The `dpbp train` command line of one case (minus the run directory)."""
+def train_overrides(cfg: dict[str, Any], case: Case, balance: list[int] | None = None
+                    ) -> list[str]:
+    """The `dpbp train` command line of one case (minus the run directory); `balance`: the
+    bench's split of a multi-module case (else the run splits by its own default)."""
     data = dict(cfg["data"])
     steps, batch = cfg["steps_per_epoch"], cfg["batch_size"]
     if data["name"] == "synthetic":  # real datasets keep their size: an epoch is all of it
@@ -202,6 +214,8 @@ def train_overrides(cfg: dict[str, Any], case: Case) -> list[str]:
     if "microbatches" in {f.name for f in fields(registry.get(algo).options)}:
         out.append(f"algo.microbatches={cfg['microbatches']}")
     out += [f"data.{k}={json.dumps(v)}" for k, v in data.items() if k != "name"]
+    if balance is not None:
+        out.append(f"split.balance={json.dumps(balance)}")
     return out + list(cfg["train"])
 
 
@@ -212,7 +226,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measurement:
+def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path,
+             balance: list[int] | None = None) -> Measurement:
     """Run one case once (W side-by-side BP processes for the ceiling); never raises."""
     base = out / "runs" / case.name / f"repeat{repeat}"
     copies = case.workers if case.algo == CEILING else 1
@@ -223,7 +238,7 @@ def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measure
         env = dict(os.environ)
         if case.algo == CEILING and cfg["device"] == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = str(i)
-        cmd = [sys.executable, "-m", "dpbp.cli", "train", *train_overrides(cfg, case),
+        cmd = [sys.executable, "-m", "dpbp.cli", "train", *train_overrides(cfg, case, balance),
                f"hydra.run.dir={run_dir}"]
         log = open(run_dir / "bench.log", "w")  # noqa: SIM115 - closed after the wait
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
@@ -237,6 +252,21 @@ def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path) -> Measure
             s = {"status": "failed", "error": f"exit status {p.returncode}"}
         summaries.append(s)
     return measurement(case, repeat, summaries, str(base))
+
+
+def bench_splits(cfg: dict[str, Any], cases: list[Case], console) -> dict[int, list[int]]:
+    """With `split=time`, the block counts per module of every multi-module case, balanced once
+    by the blocks' profiled time on the bench's device; every run of that K gets the same split.
+    With `split=flops`, none: each run splits by counted flops, `dpbp train`'s default."""
+    modules = sorted({c.modules for c in cases if c.modules > 1})
+    if cfg.get("split", "flops") != "time" or not modules:
+        return {}
+    from dpbp.predict import split_counts
+
+    splits = split_counts(cfg, modules)
+    console.print("split by profiled time: " + ", ".join(
+        f"K={k}: {'+'.join(map(str, v))} blocks" for k, v in splits.items()), highlight=False)
+    return splits
 
 
 def machine() -> dict[str, Any]:
@@ -258,8 +288,9 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
     cases = plan(list(cfg["algos"]), list(cfg["gpus"]), cfg["ceiling"])
     measurements: list[Measurement] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    splits = bench_splits(cfg, cases, console)
     result = {"machine": machine(), "device": cfg["device"], "started": started, "config": cfg,
-              "rows": rows(cases, measurements), "measurements": []}
+              "splits": splits, "rows": rows(cases, measurements), "measurements": []}
     budget = cfg.get("time_budget_s")
     t0 = time.monotonic()
     for r in range(cfg["repeats"]):
@@ -275,7 +306,7 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
                 console.print(f"time_budget_s={budget} spent: repeat {r + 1} stops before "
                               f"{c.name}.", highlight=False)
                 break
-            m = run_case(cfg, c, r, out)
+            m = run_case(cfg, c, r, out, splits.get(c.modules))
             measurements.append(m)
             what = (f"{m.images_per_second:8.0f} img/s" if m.status == "completed"
                     else f"FAILED: {m.error}")
@@ -293,7 +324,7 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
 
         try:
             result["predictions"], result["profile"] = predict_rows(cfg, result["rows"],
-                                                                    console)
+                                                                    console, splits)
             attach_predictions(result["rows"], result["predictions"])
         except Exception as e:  # noqa: BLE001 - the measurements stand without it
             console.print(f"dpbp: the prediction failed ({type(e).__name__}: {e}); the "
@@ -345,7 +376,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['epochs']} epochs of {cfg['steps_per_epoch']} steps, the first untimed; "
         f"{cfg['threads']} thread(s) per process on CPU. Median images/s over the repeats, "
         "min–max beside it. Predicted: the simulator's speedup for a run of this length "
-        "(error = predicted / measured − 1) and for a long run (200 batches).",
+        "(error = predicted / measured − 1) and for a long run (200 batches). Modules: "
+        + ("the bench's split by the blocks' profiled time (blocks per module in brackets)."
+           if cfg.get("split") == "time" else "split by counted flops (blocks in brackets)."),
         "",
         "| algo | workers | modules x replicas | images/s | min–max | speedup | efficiency "
         "| ceiling speedup | vs ceiling | predicted (this run) | error | predicted (long run) "
@@ -355,8 +388,9 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         share = " / ".join("–" if s is None else f"{100 * s:.0f}%" for s in r["compute_share"])
         mem = " / ".join("–" if b is None else f"{b / 2**20:.1f}" for b in r["peak_memory_bytes"])
+        cut = f" ({'+'.join(map(str, r['split']))})" if len(r.get("split") or []) > 1 else ""
         lines.append(
-            f"| {r['algo']} | {r['workers']} | {r['modules']} x {r['replicas']} "
+            f"| {r['algo']} | {r['workers']} | {r['modules']} x {r['replicas']}{cut} "
             f"| {_fmt(r['images_per_second'], '.0f')} | {_range(r)} "
             f"| {_fmt(r['speedup'], '.2f')}× "
             f"| {_fmt(r['efficiency'], '.0%')} | {_fmt(r['ceiling_speedup'], '.2f')}× "

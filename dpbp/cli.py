@@ -251,6 +251,11 @@ def bench_app(cfg: DictConfig) -> None:
               "repeats, steps_per_epoch, batch_size >= 1.", file=sys.stderr)
         discard_rejected(out)
         sys.exit(2)
+    if plain["split"] not in ("flops", "time"):
+        print(f"dpbp: bench's split must be time or flops, not '{plain['split']}'.",
+              file=sys.stderr)
+        discard_rejected(out)
+        sys.exit(2)
     console = Console(stderr=True)
     result = run_bench(plain, out, console)
     console.print(table(result))

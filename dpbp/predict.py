@@ -4,7 +4,7 @@ algorithm's real schedule (simulate.py) on 1..W devices, including W beyond what
 The profile is taken in the bench's own process on one device with the bench's thread count:
 forward, backward and optimizer step per block at the bench's batch size; the transfer of each
 boundary's activation and the all-reduce of the gradients are timed between two real processes
-(gloo on CPU, nccl on CUDA). Modules are cut as the runs cut them (balanced counted flops).
+(gloo on CPU, nccl on CUDA). Modules are cut as the bench's runs are cut (`split_counts`).
 
 Two predictions per case: `speedup`, a long run (200 batches: fill and drain amortised), and,
 for synthetic data (whose epoch the bench sizes), `speedup_run`, a run as long as the bench's:
@@ -59,9 +59,9 @@ def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
                                prof["transfer"][:-1], prof["allreduce"])
 
 
-def measure(cfg: dict[str, Any]) -> tuple[dict[str, list[float]], Any]:
-    """Per-block times (seconds) on the bench's device, and `counts_for(K)`: the block counts
-    of the runs' split into K modules."""
+def bench_blocks(cfg: dict[str, Any]) -> tuple[list[Any], torch.Tensor, torch.Tensor, Any]:
+    """The bench's model blocks on its device (seeded as a run seeds them), one batch of its
+    data (inputs, labels) and the dataset, with the bench's thread count set."""
     data = {**cfg["data"], "train_size": cfg["batch_size"], "test_size": cfg["batch_size"]}
     if isinstance(data.get("shape"), list):
         data["shape"] = tuple(data["shape"])
@@ -74,22 +74,53 @@ def measure(cfg: dict[str, Any]) -> tuple[dict[str, list[float]], Any]:
     blocks = build_blocks(cfg["model"]["name"], ds.in_channels, ds.num_classes)
     idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
     x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
+    return blocks, x, y, ds
+
+
+def split_costs(cfg: dict[str, Any], blocks: list[Any], ds: Any, profile: Any = None
+                ) -> list[float]:
+    """Each block's cost for balancing the split: counted flops (`split=flops`, what `dpbp
+    train` does by default) or the forward+backward+step seconds of `profile` (`split=time`: on a
+    CPU the early blocks, with wide feature maps and few channels, cost several times more per
+    flop than the late ones, so a flops split leaves module 1 the bottleneck)."""
+    if cfg.get("split", "flops") == "time":
+        return [f + b + s for f, b, s in zip(profile.forward, profile.backward, profile.step)]
+    return block_flops([b.cpu() for b in blocks],
+                       torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
+
+
+def split_counts(cfg: dict[str, Any], modules: list[int]) -> dict[int, list[int]]:
+    """Block counts per module for each K in `modules`: the one split that every run of the
+    bench uses (profiled once, here, when `split=time`)."""
+    blocks, x, y, ds = bench_blocks(cfg)
+    p = profile_blocks(blocks, x, y, repeats=5) if cfg.get("split") == "time" else None
+    costs = split_costs(cfg, blocks, ds, p)
+    return {k: balanced_counts(costs, k) for k in sorted(set(modules)) if k <= len(blocks)}
+
+
+def measure(cfg: dict[str, Any], splits: dict[int, list[int]] | None = None
+            ) -> tuple[dict[str, list[float]], Any]:
+    """Per-block times (seconds) on the bench's device, and `counts_for(K)`: the block counts
+    of the runs' split into K modules (`splits`; a K the bench did not run is balanced like
+    them, from this profile)."""
+    blocks, x, y, ds = bench_blocks(cfg)
     p = profile_blocks(blocks, x, y, repeats=5)
     sizes = [*p.out_numel, *p.grad_numel]
-    transfer, allreduce = profile_links(sizes, device)
+    transfer, allreduce = profile_links(sizes, x.device)
     n = len(blocks)
-    flops = block_flops([b.cpu() for b in blocks],
-                        torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
     prof = {"forward": p.forward, "backward": p.backward, "step": p.step,
             "transfer": transfer[:n], "allreduce": allreduce[n:]}
-    return prof, lambda k: balanced_counts(flops, k)
+    costs = split_costs(cfg, blocks, ds, p)
+    known = dict(splits or {})
+    return prof, lambda k: known.get(k) or balanced_counts(costs, k)
 
 
-def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None
+def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None,
+                 splits: dict[int, list[int]] | None = None
                  ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """Predicted speedups over BP on one worker for every (algo, W) measured or in
     `predict_gpus`; returns them and the per-block profile they come from."""
-    prof, counts_for = measure(cfg)
+    prof, counts_for = measure(cfg, splits)
     n = len(prof["forward"])
     names = [a for a in dict.fromkeys([r["algo"] for r in rows] + list(cfg["algos"]))
              if a in algos.names() and algos.get(a).simulate is not None]

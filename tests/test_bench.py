@@ -138,7 +138,7 @@ def test_time_budget_stops_before_a_repeat_that_would_not_fit(tmp_path, monkeypa
     clock = [0.0]
     written = []
 
-    def fake_case(cfg, case, repeat, out):
+    def fake_case(cfg, case, repeat, out, balance=None):
         clock[0] += 10.0
         return Measurement(case.algo, case.workers, repeat, "completed",
                            images_per_second=100.0 * case.workers)
@@ -170,6 +170,58 @@ def test_runs_get_synthetic_data_sized_to_the_epoch():
     assert 'data.shape=[3, 32, 32]' in args and args[-1] == "trainer.amp=true"
     ceiling = train_overrides(cfg, Case(CEILING, 2, 2))
     assert "algo=bp" in ceiling and "gpus=1" in ceiling
+    assert not any(a.startswith("split.") for a in args)  # no bench split: the run's default
+    assert "split.balance=[4, 7]" in train_overrides(cfg, Case("fdg", 2), [4, 7])
+
+
+def test_split_by_time_is_profiled_once_and_given_to_every_multi_module_run(monkeypatch,
+                                                                              tmp_path):
+    """split=time: one profile in the bench's process, the same counts for every case with that
+    many modules (ddp's and the ceiling's one-module runs get none); split=flops: none, each run
+    splits by its own default."""
+    calls, given = [], []
+    monkeypatch.setattr("dpbp.predict.split_counts",
+                        lambda cfg, modules: calls.append(modules) or {2: [4, 7], 3: [2, 4, 5]})
+    monkeypatch.setattr(bench, "run_case", lambda cfg, case, repeat, out, balance=None: (
+        given.append((case.name, balance)) or Measurement(case.algo, case.workers, repeat,
+                                                          "completed", images_per_second=1.0)))
+    for name in ("write_json", "write_outputs"):
+        monkeypatch.setattr(bench, name, lambda result, out: None)
+    monkeypatch.setattr(bench, "machine", lambda: {})
+    cfg = {"algos": ["fdg", "ddp"], "gpus": [1, 2, 3], "ceiling": True, "repeats": 2,
+           "time_budget_s": None, "predict": False, "device": "cpu", "split": "time"}
+    result = bench.run_bench(cfg, tmp_path, Console(file=io.StringIO()))
+    assert calls == [[2, 3]] and result["splits"] == {2: [4, 7], 3: [2, 4, 5]}
+    assert given[:7] == [("bp-w1", None), ("fdg-w2", [4, 7]), ("ddp-w2", None),
+                         ("ceiling-w2", None), ("fdg-w3", [2, 4, 5]), ("ddp-w3", None),
+                         ("ceiling-w3", None)]
+    assert given[7:] == given[:7]  # the second repeat: the same splits
+    cfg["split"], calls[:], given[:] = "flops", [], []
+    assert bench.run_bench(cfg, tmp_path, Console(file=io.StringIO()))["splits"] == {}
+    assert calls == [] and all(b is None for _, b in given)
+
+
+def test_split_counts_balance_the_profiled_time_or_the_flops():
+    """Both modes cut the real model into K consecutive non-empty modules; flops gives what
+    `dpbp train` gives by default (build.resolve_balance)."""
+    from conftest import make_cfg
+
+    from dpbp.build import resolve_balance
+    from dpbp.data import load_dataset
+    from dpbp.models import build_blocks
+    from dpbp.predict import split_counts
+
+    cfg = {"data": {"name": "synthetic", "shape": [3, 8, 8], "num_classes": 10},
+           "model": {"name": "resnet20"}, "batch_size": 8, "device": "cpu", "threads": 1,
+           "seed": 0}
+    for by in ("time", "flops"):
+        counts = split_counts({**cfg, "split": by}, [2, 3])
+        assert [len(c) for c in counts.values()] == [2, 3]
+        assert all(sum(c) == 11 and min(c) >= 1 for c in counts.values())
+    run = make_cfg("data=synthetic", "data.shape=[3,8,8]", "gpus=3", "algo=fdg")
+    ds = load_dataset(run.data)
+    assert split_counts({**cfg, "split": "flops"}, [3])[3] == resolve_balance(
+        run, build_blocks("resnet20", 3, 10), ds, ds.train_x.device)
 
 
 @pytest.mark.slow
@@ -178,13 +230,14 @@ def test_bench_end_to_end(tmp_path):
     out = tmp_path / "b"
     r = run_cli("bench", "algos=[fdg]", "gpus=[1,2]", "model=mlp", "data.shape=[1,8,8]",
                 "batch_size=16", "steps_per_epoch=2", "epochs=2", "repeats=1", "predict=true",
-                "predict_gpus=[3]", f"hydra.run.dir={out}", cwd=tmp_path)
+                "predict_gpus=[3]", "split=time", f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "bench.json").read_text())
     got = {(row["algo"], row["workers"]): row for row in result["rows"]}
     assert set(got) == {("bp", 1), ("fdg", 2), (CEILING, 2)}
     assert all(row["repeats"] == 1 and row["images_per_second"] > 0 for row in got.values())
     assert len(got[("fdg", 2)]["compute_share"]) == 2
+    assert got[("fdg", 2)]["split"] == result["splits"]["2"]  # the run was cut as the bench said
     fdg = got[("fdg", 2)]
     assert fdg["images_per_second_min"] == fdg["images_per_second_max"] > 0
     assert fdg["predicted_run_speedup"] > 0 and fdg["prediction_error"] == pytest.approx(
@@ -199,5 +252,7 @@ def test_bench_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_bench_rejects_an_unknown_algo(tmp_path):
-    r = run_cli("bench", "algos=[bp,nope]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    r = run_cli("bench", "algos=[bp,nope]", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert r.returncode == 2 and "unknown algo nope" in r.stderr
+    r = run_cli("bench", "split=blocks", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert r.returncode == 2 and "split must be time or flops, not 'blocks'" in r.stderr
