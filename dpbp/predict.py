@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from dpbp import algos, schedule
+from dpbp import algos, custom, schedule
 from dpbp.data import DataConfig, load_dataset, train_batch
-from dpbp.models import build_blocks
 from dpbp.profile import profile_blocks, profile_links
 from dpbp.simulate import Profile, bp_one_device, predict_speedup, simulate
 from dpbp.split import balanced_counts, block_flops
@@ -71,15 +70,14 @@ def measure(cfg: dict[str, Any]) -> tuple[dict[str, list[float]], Any]:
         torch.set_num_threads(cfg["threads"])
     ds = load_dataset(DataConfig(**data), device, seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    blocks = build_blocks(cfg["model"]["name"], ds.in_channels, ds.num_classes)
+    blocks = custom.section_blocks(cfg["model"], ds.in_channels, ds.num_classes)
     idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
     x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
     p = profile_blocks(blocks, x, y, repeats=5)
     sizes = [*p.out_numel, *p.grad_numel]
     transfer, allreduce = profile_links(sizes, device)
     n = len(blocks)
-    flops = block_flops([b.cpu() for b in blocks],
-                        torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
+    flops = block_flops([b.cpu() for b in blocks], torch.zeros(1, *ds.sample_shape))
     prof = {"forward": p.forward, "backward": p.backward, "step": p.step,
             "transfer": transfer[:n], "allreduce": allreduce[n:]}
     return prof, lambda k: balanced_counts(flops, k)
