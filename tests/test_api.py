@@ -118,16 +118,3 @@ def test_values_become_override_strings():
         "trainer.epochs=2", "trainer.max_steps=null", "device=cpu", "split.balance=[1,2]",
         "resume=true"]
     assert api._value("/a b/it's") == "'/a b/it\\'s'"
-
-
-@pytest.mark.slow
-def test_fit_on_two_workers_equals_one_process(tmp_path):
-    """The saved model and data reach the spawned workers: fdg at K = 2 in two processes gives
-    the numbers of executor=local."""
-    train, test = digits_arrays()
-    dist = dpbp.fit(blocks(), train, test, algo="fdg", gpus=2, run_dir=tmp_path / "d", **FAST)
-    local = dpbp.fit(blocks(), train, test, algo="fdg", gpus=2, executor="local",
-                     run_dir=tmp_path / "l", **FAST)
-    assert (dist["executor"], local["executor"]) == ("dist", "local")
-    for key in ("final_test_acc", "final_test_loss", "final_train_loss", "updates", "split"):
-        assert dist[key] == local[key], key

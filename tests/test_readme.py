@@ -62,9 +62,12 @@ def test_the_readmes_model_file_and_command_train(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.slow
-def test_the_readmes_fit_example_runs_as_a_script(tmp_path):
+def test_the_readmes_fit_example_runs_as_a_script(tmp_path, monkeypatch):
     """The dpbp.fit example, saved as a script and run (its epochs cut to one): fdg in two
-    spawned workers that receive the model and the data through the run directory."""
+    spawned workers that receive the model and the data through the run directory, and compute
+    what one process (executor=local) computes from the same files."""
+    from test_cli import call_main
+
     code = _own_section().split("<!-- fit-example -->\n```python\n")[1].split("```")[0]
     assert 'trainer={"epochs": 10}' in code
     (tmp_path / "example.py").write_text(code.replace('trainer={"epochs": 10}',
@@ -77,3 +80,13 @@ def test_the_readmes_fit_example_runs_as_a_script(tmp_path):
     s = json.loads(summary.read_text())
     assert (s["status"], s["executor"], s["modules"], s["epochs"]) == ("completed", "dist", 2, 1)
     assert f"{s['final_test_acc']:.3f}" in done.stdout
+    inputs = summary.parent / "inputs"
+    rc = call_main(["train", "model=custom", "model._target_=dpbp.custom.load_saved",
+                    f"model.path={inputs / 'model.pt'}", "data=arrays",
+                    f"data.path={inputs / 'data.npz'}", "algo=fdg", "gpus=2", "executor=local",
+                    "device=cpu", "trainer.epochs=1", "trainer.progress=false",
+                    f"hydra.run.dir={tmp_path / 'local'}"], monkeypatch)
+    assert rc == 0
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    for key in ("final_test_acc", "final_test_loss", "final_train_loss", "updates", "split"):
+        assert local[key] == s[key], key
