@@ -126,6 +126,10 @@ def _data_args(train: Any, test: Any, inputs: Path) -> list[str]:
 
 def _arrays(data: Any, which: str) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) as numpy arrays from a pair of arrays/tensors or a map-style dataset."""
+    if isinstance(data, (str, Path)):
+        raise ConfigError(f"dpbp.fit's {which} data is the path {data} next to other data; give "
+                          "a folder or an .npz file as train alone, with its test split inside "
+                          "(a val/ folder, x_test and y_test).")
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = (d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)
                 for d in data)

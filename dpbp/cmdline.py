@@ -85,6 +85,10 @@ def check_keys(args: list[str]) -> None:
             return
         for o in keys:
             error = _missing(cfg, o.key_or_group)
+            if error is not None and o.key_or_group.startswith("model.") \
+                    and "_target_" not in cfg.model.keys():
+                error = (f"{error[:-1]}; a network of your own is model=custom "
+                         "model._target_=module.function with its arguments as model.KEY=VALUE.")
             if error is not None:
                 where = " ".join(c for c in choice if not c.startswith("experiment=null"))
                 raise ConfigError(f"{error[:-1]} (with {where})." if where else error)

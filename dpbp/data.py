@@ -71,7 +71,7 @@ class Dataset:
     """A train/test split resident on one device, plus what is needed to augment/normalize it."""
 
     name: str
-    train_x: torch.Tensor  # uint8 (N, C, H, W) on device
+    train_x: torch.Tensor  # uint8 (N, C, H, W) on device (user data: also float32 (N, ...))
     train_y: torch.Tensor  # int64 (N,) on device
     test_x: torch.Tensor  # uint8
     test_y: torch.Tensor

@@ -123,6 +123,8 @@ def test_the_split_cuts_the_users_blocks(user_dir):
     ([f"model._target_={NETS}.Wide", "data=synthetic", "data.shape=[3,4,4]"],
      "fails on data=synthetic's samples of shape [3, 4, 4] at block 1"),
     ([], "needs the function that builds the network"),
+    (["model=resnet20", "model.width=3"], "unknown setting model.width; valid keys of model are "
+     "name; a network of your own is model=custom model._target_=module.function"),
 ])
 def test_bad_custom_models_exit_2_with_one_line(user_dir, overrides, words, monkeypatch,
                                                 capsys):
