@@ -89,6 +89,9 @@ def check_keys(args: list[str]) -> None:
                     and "_target_" not in cfg.model.keys():
                 error = (f"{error[:-1]}; a network of your own is model=custom "
                          "model._target_=module.function with its arguments as model.KEY=VALUE.")
+            if error is not None and o.key_or_group == "data._target_":
+                error = (f"{error[:-1]}; a dataset class of your own is data=custom "
+                         "data._target_=module.Class.")
             if error is not None:
                 where = " ".join(c for c in choice if not c.startswith("experiment=null"))
                 raise ConfigError(f"{error[:-1]} (with {where})." if where else error)

@@ -256,6 +256,8 @@ BAD = [
     (["data=arrays", "data.path={tmp}/frac.npz"], "holds float64 values; labels must be integer"),
     (["data=arrays", "data.path={tmp}/shape.npz"], "x_test's samples are uint8 [1, 3, 4]"),
     (["data=custom"], "data=custom needs data._target_=module.Class"),
+    (["data._target_=a.B"], "unknown setting data._target_"),
+    (["data._target_=a.B"], "a dataset class of your own is data=custom data._target_=module"),
     (["data=custom", "data._target_=no_such_module.Data"], "cannot import data._target_"),
     (["data=arrays", "data.path={tmp}/good.npz", "data.holdout=1.5"], "data.holdout=1.5"),
 ]
