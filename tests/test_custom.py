@@ -209,3 +209,23 @@ def test_bench_and_predict_take_a_custom_model_section(user_dir):
                                                  .values()))
     assert custom.section_title(section) == f"{NETS}.build"
     assert custom.section_overrides({"name": "resnet20"}) == ["model=resnet20"]
+
+
+def test_saved_blocks_load_and_a_class_the_process_lacks_is_one_sentence(user_dir, monkeypatch):
+    """dpbp.fit's model file: loaded as saved; one whose layer class a worker cannot import
+    (defined in a notebook) is refused in one sentence."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(user_dir))
+    nets = importlib.import_module(NETS)  # the user's module, importable where it was saved
+    blocks = [nets.Wide(1, 10), torch.nn.Linear(10, 10)]
+    torch.save(blocks, user_dir / "model.pt")
+    loaded = custom.load_saved(str(user_dir / "model.pt"))
+    assert torch.equal(loaded[0][1].weight, blocks[0][1].weight)
+    monkeypatch.delitem(sys.modules, NETS)
+    (user_dir / f"{NETS}.py").unlink()  # as in a worker that has no such module
+    importlib.invalidate_caches()
+    with pytest.raises(ConfigError, match="uses a class this process cannot import"):
+        custom.load_saved(str(user_dir / "model.pt"))
+    with pytest.raises(ConfigError, match="cannot read the saved model"):
+        custom.load_saved(str(user_dir / "missing.pt"))
