@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from dpbp import algos as registry
+from dpbp import custom
 
 CEILING = "ceiling"  # the pseudo-algo of W independent BP processes
 
@@ -204,7 +205,7 @@ def train_overrides(cfg: dict[str, Any], case: Case, balance: list[int] | None =
         data["test_size"] = batch
     algo = registry.reference().name if case.algo == CEILING else case.algo
     gpus = 1 if case.algo == CEILING else case.workers
-    out = [f"algo={algo}", f"gpus={gpus}", f"model={cfg['model']['name']}",
+    out = [f"algo={algo}", f"gpus={gpus}", *custom.section_overrides(cfg["model"]),
            f"data={data['name']}", f"device={cfg['device']}", f"seed={cfg['seed']}",
            f"trainer.batch_size={batch}", f"trainer.epochs={cfg['epochs']}",
            f"trainer.threads={cfg['threads']}", "trainer.checkpoint=false",
@@ -367,8 +368,8 @@ def markdown(result: dict[str, Any]) -> str:
                                                f"{cfg.get('time_budget_s')})"
                                                if repeats < cfg["repeats"] else "")
     lines = [
-        f"# dpbp bench: {cfg['model']['name']} on {cfg['data']['name']}, batch {cfg['batch_size']}"
-        f" per worker, device {cfg['device']}",
+        f"# dpbp bench: {custom.section_title(cfg['model'])} on {cfg['data']['name']}, "
+        f"batch {cfg['batch_size']} per worker, device {cfg['device']}",
         "",
         f"Machine: {m['host']} ({m['platform']}, {m['cpus']} CPUs"
         f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}), torch {m['torch']}; "
@@ -441,8 +442,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("speedup over BP on 1 worker")
     ax.set_xticks(workers)
     cfg = result["config"]
-    ax.set_title(f"{cfg['model']['name']}, {cfg['data']['name']}, batch {cfg['batch_size']}, "
-                 f"{cfg['device']}",
+    ax.set_title(f"{custom.section_title(cfg['model'])}, {cfg['data']['name']}, "
+                 f"batch {cfg['batch_size']}, {cfg['device']}",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dpbp import custom
 from dpbp.config import RunConfig
 from dpbp.data import Dataset, load_dataset
+from dpbp.errors import ConfigError
 from dpbp.models import build_blocks
 from dpbp.split import balanced_counts, block_flops, block_times, boundaries, check_balance
 
@@ -45,6 +47,14 @@ def pick_device(cfg: RunConfig, local_rank: int = 0) -> torch.device:
 def build_model(cfg: RunConfig, ds: Dataset) -> list[nn.Module]:
     """The whole model's blocks, initialised from the seed: identical in every process."""
     torch.manual_seed(cfg.seed)
+    if cfg.model_args is not None:  # model=custom: the user's builder, checked on the data
+        blocks = custom.build(cfg.model, cfg.model_args, ds.in_channels, ds.num_classes)
+        custom.check_runs(blocks, ds.sample_shape, cfg.model, cfg.data.name)
+        return blocks
+    if len(ds.sample_shape) != 3:
+        raise ConfigError(f"model={cfg.model} takes images; data={cfg.data.name} has samples of "
+                          f"shape {list(ds.sample_shape)}: train a network of your own on them "
+                          "with model=custom model._target_=...")
     return build_blocks(cfg.model, ds.in_channels, ds.num_classes)
 
 
@@ -57,16 +67,15 @@ def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
     if k > len(blocks):
         balanced_counts([1.0] * len(blocks), k)  # raises the clear error
     if cfg.split.by == "time":
-        x = torch.randn(cfg.trainer.batch_size, ds.in_channels, ds.image_size, ds.image_size,
-                        device=device)
+        x = torch.randn(cfg.trainer.batch_size, *ds.sample_shape, device=device)
         return balanced_counts(block_times([b.to(device) for b in blocks], x), k)
-    x = torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size)
+    x = torch.zeros(1, *ds.sample_shape)
     return balanced_counts(block_flops(blocks, x), k)
 
 
 def output_shapes(modules: list[nn.Module], ds: Dataset) -> list[tuple[int, ...]]:
     """Per-sample output shape of each module (fixed once; the transport sizes buffers by it)."""
-    x = torch.zeros(2, ds.in_channels, ds.image_size, ds.image_size)
+    x = torch.zeros(2, *ds.sample_shape)
     shapes = []
     with torch.no_grad():
         for m in modules:

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "bench":
             check_bench_keys(rest)
         named = check_output_dir(rest)
+        rest = cmdline.model_arguments(rest)  # model=custom: model.KEY is its builder's
         if command == "train":
             cmdline.check_keys(rest)
             rest = [*rest, *cmdline.run_name_overrides(rest)]

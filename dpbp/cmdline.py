@@ -13,6 +13,7 @@ sweeps, and the help text.
 from __future__ import annotations
 
 import itertools
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,23 @@ def parse(args: list[str]) -> tuple[list[Any], bool]:
         return OverridesParser.create().parse_overrides(ns.overrides), bool(ns.multirun)
     except (SystemExit, Exception):
         return [], False
+
+
+def model_arguments(args: list[str]) -> list[str]:
+    """With a model whose file names a `_target_` (model=custom), `model.KEY=VALUE` is an
+    argument of the user's builder that no YAML file can list: pass it as Hydra's forced
+    addition `++model.KEY=VALUE` (Hydra would otherwise ask for a `+`)."""
+    choices = [m.group(1) for a in args if (m := re.fullmatch(r"\+{0,2}model=([\w.-]+)", a))]
+    if not choices:
+        return args
+    path = resources.files("dpbp.conf") / "model" / f"{choices[-1]}.yaml"
+    if not path.is_file():
+        return args
+    own = set(OmegaConf.load(path).keys())  # keys(): `in` misses a "???" value
+    if "_target_" not in own:
+        return args
+    key = re.compile(r"model\.([\w.]+)=")
+    return [f"++{a}" if (m := key.match(a)) and m.group(1) not in own else a for a in args]
 
 
 def _values(override) -> list[str]:
@@ -67,6 +85,13 @@ def check_keys(args: list[str]) -> None:
             return
         for o in keys:
             error = _missing(cfg, o.key_or_group)
+            if error is not None and o.key_or_group.startswith("model.") \
+                    and "_target_" not in cfg.model.keys():
+                error = (f"{error[:-1]}; a network of your own is model=custom "
+                         "model._target_=module.function with its arguments as model.KEY=VALUE.")
+            if error is not None and o.key_or_group == "data._target_":
+                error = (f"{error[:-1]}; a dataset class of your own is data=custom "
+                         "data._target_=module.Class.")
             if error is not None:
                 where = " ".join(c for c in choice if not c.startswith("experiment=null"))
                 raise ConfigError(f"{error[:-1]} (with {where})." if where else error)
@@ -79,11 +104,11 @@ def _missing(cfg: DictConfig, key: str) -> str | None:
     parts = key.split(".")
     node: Any = cfg
     for i, part in enumerate(parts):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, DictConfig) or part not in node.keys():  # "???" values too
             where = ".".join(parts[:i]) or "config"
             valid = list(node.keys()) if isinstance(node, DictConfig) else []
             return str(unknown_key(where, part, [str(k) for k in valid]))
-        node = node[part]
+        node = node._get_node(part)  # not node[part]: that raises for a "???" value
     return None
 
 

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from dpbp import algos
+from dpbp import algos, custom
 from dpbp.algorithm import AlgoConfig
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
@@ -88,6 +88,8 @@ class RunConfig:
     executor: str
     seed: int
     resume: bool | str
+    # model=custom: `model` is the builder's dotted path (model._target_), these its arguments
+    model_args: dict[str, Any] | None = None
 
     @property
     def modules(self) -> int:
@@ -96,6 +98,9 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        args = d.pop("model_args")
+        if args is not None:  # the section as the user wrote it
+            d["model"] = {custom.TARGET: self.model, **args}
         d["data"] = self.data.applicable()
         d["sched"] = {k: v for k, v in d["sched"].items() if v is not None}
         return d
@@ -173,9 +178,12 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     d = dict(d)
     d.pop("hydra", None)
     model = d.pop("model", None)
-    if isinstance(model, dict):  # Hydra's model group: {name: ...}; other keys would be ignored
+    if custom.is_custom(model):  # model=custom: {_target_: ..., its arguments}
+        model, d["model_args"] = custom.split_section(model)
+    elif isinstance(model, dict):  # Hydra's model group: {name: ...}; other keys would be ignored
         if set(model) != {"name"}:
-            raise ConfigError(f"model takes only model.name; got the keys {sorted(model)}.")
+            raise ConfigError(f"model takes only model.name; got the keys {sorted(model)} "
+                              "(model=custom passes its keys to a network of your own).")
         model = model["name"]
     data = dict(d.pop("data", {}))
     if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpbp import user_data
 from dpbp.errors import ConfigError
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic", *user_data.NAMES)
 AUGMENT_MODES = ("auto", "crop_flip", "crop", "none")
 
 
@@ -38,15 +39,24 @@ class DataConfig:
     pad: int | None = None  # None = dataset default (cifar 4, digits 1); ignored for augment=none
     split_seed: int = 0  # digits: fixed 80/20 train/test split by this seed
     shape: tuple[int, int, int] = (3, 32, 32)  # synthetic only
-    num_classes: int = 10  # synthetic only (others: from the data)
+    num_classes: int | None = 10  # synthetic; user data: null = count the training labels
     train_size: int = 50000  # synthetic only
     test_size: int = 10000  # synthetic only
+    # the user's data (user_data.py): imagefolder (root), arrays (path), custom (_target_)
+    path: str | None = None  # arrays: the .npz file
+    resize: int | list[int] | None = None  # images of mixed sizes: [H, W] (or S) for all
+    holdout: float = 0.2  # no test split given: this fraction of the training set, by split_seed
+    mean: list[float] | None = None  # normalisation; null: from the training set
+    std: list[float] | None = None
+    _target_: str | None = None  # custom: a torchvision-style dataset class
+    args: dict[str, Any] | None = None  # custom: more keyword arguments for it
 
     def applicable(self) -> dict[str, Any]:
         """The keys that apply to this dataset (a run's summary shows only these)."""
         own = {"digits": {"split_seed"}, "cifar10": {"root", "download"},
                "cifar100": {"root", "download"},
-               "synthetic": {"shape", "num_classes", "train_size", "test_size"}}
+               "synthetic": {"shape", "num_classes", "train_size", "test_size"},
+               **{n: user_data.keys(n) for n in user_data.NAMES}}
         specific = set().union(*own.values())
         keep = own.get(self.name, specific)
         d = {f: getattr(self, f) for f in self.__dataclass_fields__
@@ -61,7 +71,7 @@ class Dataset:
     """A train/test split resident on one device, plus what is needed to augment/normalize it."""
 
     name: str
-    train_x: torch.Tensor  # uint8 (N, C, H, W) on device
+    train_x: torch.Tensor  # uint8 (N, C, H, W) on device (user data: also float32 (N, ...))
     train_y: torch.Tensor  # int64 (N,) on device
     test_x: torch.Tensor  # uint8
     test_y: torch.Tensor
@@ -80,6 +90,11 @@ class Dataset:
     def image_size(self) -> int:
         """Side length of the (square) images."""
         return int(self.train_x.shape[-1])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input: (C, H, W) for images, (D,) for features."""
+        return tuple(self.train_x.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,10 +169,15 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 (x/255 - mean)/std, with per-channel mean/std of shape (C,)."""
-    m = mean.to(torch.float32).view(1, -1, 1, 1)
-    s = std.to(torch.float32).view(1, -1, 1, 1)
-    return (x.to(torch.float32) / 255.0 - m) / s
+    """uint8 (B, C, H, W) -> float32 (x/255 - mean)/std, with per-channel mean/std of shape (C,).
+
+    Float inputs (features (B, D), float images) are not scaled: (x - mean)/std, per feature
+    or channel."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = mean.to(torch.float32).view(shape)
+    s = std.to(torch.float32).view(shape)
+    scaled = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    return (scaled - m) / s
 
 
 def train_batch(
@@ -433,6 +453,24 @@ def _synthetic(cfg: DataConfig, device: torch.device, seed: int) -> Dataset:
                    num_classes=num_classes, pad=pad, flip=flip)
 
 
+def _user(cfg: DataConfig, device: torch.device) -> Dataset:
+    """The user's images, arrays or dataset class (user_data.py), on `device`."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_mix_seed("holdout", cfg.split_seed))
+    d = user_data.decode(cfg, gen)
+    if d.train_x.dim() == 4:
+        pad, flip = _resolve_augment(cfg, int(d.train_x.shape[-1]))
+    elif cfg.augment not in ("auto", "none"):
+        raise ConfigError(f"data.augment={cfg.augment} crops and flips images; these samples "
+                          f"have shape {list(d.train_x.shape[1:])}: use data.augment=none.")
+    else:
+        pad, flip = 0, False
+    return Dataset(name=cfg.name, train_x=d.train_x.to(device), train_y=d.train_y.to(device),
+                   test_x=d.test_x.to(device), test_y=d.test_y.to(device),
+                   mean=d.mean.to(device), std=d.std.to(device), num_classes=d.num_classes,
+                   pad=pad, flip=flip)
+
+
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int = 0) -> Dataset:
     """Load (or generate) the dataset named by cfg onto `device` as uint8 tensors.
 
@@ -446,6 +484,8 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int 
     device = torch.device(device)
     if cfg.name == "synthetic":
         return _synthetic(cfg, device, seed)
+    if cfg.name in user_data.NAMES:
+        return _user(cfg, device)
     if cfg.name == "digits":
         pad, flip = _resolve_augment(cfg, 8)
         train_x, train_y, test_x, test_y = _load_digits(cfg)

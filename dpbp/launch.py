@@ -46,7 +46,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from dpbp import failures, lifecycle, rundir
+from dpbp import custom, failures, lifecycle, rundir
 from dpbp.build import WorkerContext, build_model, pick_device, resolve_balance
 from dpbp.checkpoint import check_extend, check_position, check_resume, find
 from dpbp.config import RunConfig, from_dict
@@ -87,7 +87,9 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     if run is not None:
         check_same_split(run, counts)
     if not quiet:
-        print_split(cfg, blocks, counts, describe_blocks(cfg.model, blocks))
+        labels = (describe_blocks(cfg.model, blocks) if cfg.model_args is None
+                  else custom.describe(blocks))
+        print_split(cfg, blocks, counts, labels)
     return counts
 
 

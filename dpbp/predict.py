@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from dpbp import algos, schedule
+from dpbp import algos, custom, schedule
 from dpbp.data import DataConfig, load_dataset, train_batch
-from dpbp.models import build_blocks
 from dpbp.profile import profile_blocks, profile_links
 from dpbp.simulate import Profile, bp_one_device, predict_speedup, simulate
 from dpbp.split import balanced_counts, block_flops
@@ -71,7 +70,7 @@ def bench_blocks(cfg: dict[str, Any]) -> tuple[list[Any], torch.Tensor, torch.Te
         torch.set_num_threads(cfg["threads"])
     ds = load_dataset(DataConfig(**data), device, seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    blocks = build_blocks(cfg["model"]["name"], ds.in_channels, ds.num_classes)
+    blocks = custom.section_blocks(cfg["model"], ds.in_channels, ds.num_classes)
     idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
     x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
     return blocks, x, y, ds
@@ -85,8 +84,7 @@ def split_costs(cfg: dict[str, Any], blocks: list[Any], ds: Any, profile: Any = 
     flop than the late ones, so a flops split leaves module 1 the bottleneck)."""
     if cfg.get("split", "flops") == "time":
         return [f + b + s for f, b, s in zip(profile.forward, profile.backward, profile.step)]
-    return block_flops([b.cpu() for b in blocks],
-                       torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
+    return block_flops([b.cpu() for b in blocks], torch.zeros(1, *ds.sample_shape))
 
 
 def split_counts(cfg: dict[str, Any], modules: list[int]) -> dict[int, list[int]]:
