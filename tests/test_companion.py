@@ -1,0 +1,106 @@
+"""Companions in whole runs (DGL's auxiliary heads, DNI's gradient predictors): identical numbers
+under executor=local and executor=dist, exact resume with the companions' weights, optimizer
+state and predictions in flight, and their cost reported apart from the network's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cfg
+from test_executor import config, stage_params
+from test_resume import assert_same_run, settings, signal_at, stage_files
+
+from dpbp import algos
+from dpbp.errors import ConfigError, Interrupted
+from dpbp.interrupt import StopRequest
+from dpbp.launch import launch
+from dpbp.train import train
+
+LOCAL_MODELS = [n for n in algos.names() if algos.get(n).companion is not None]
+
+
+def companions(run_dir, k):
+    return [c["companion"] for c in stage_files(run_dir, k)]
+
+
+def assert_same_companions(dir_a, dir_b, k):
+    for a, b in zip(companions(dir_a, k), companions(dir_b, k), strict=True):
+        if a is None:
+            assert b is None
+            continue
+        for name in a["model"]:
+            assert torch.equal(a["model"][name], b["model"][name]), name
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for i in sa:
+            assert torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
+
+
+def test_the_two_algorithms_have_companions():
+    assert sorted(LOCAL_MODELS) == ["dgl", "dni"]
+
+
+@pytest.mark.parametrize("algo", LOCAL_MODELS)
+def test_signal_mid_epoch_and_resume_is_exact(tmp_path, algo):
+    k = 3
+    ref_dir = tmp_path / "ref"
+    ref = train(make_cfg(*settings(algo, k)), ref_dir)
+    stop = StopRequest()
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM at tick 15"):
+        train(make_cfg(*settings(algo, k)), run_dir, logger_factory=signal_at(stop, 13),
+              stop=stop)
+    cks = stage_files(run_dir, k)
+    # DNI: the last prediction of modules 1 and 2 waits for its target, which is in flight
+    held = sum(len(c["companion"]["inflight"].get("pending", [])) for c in cks[:-1])
+    assert held == (2 if algos.get(algo).boundary == "synthetic" else 0)
+    assert sum(len(c["messages"]) for c in cks) > 0
+    resumed = train(make_cfg(*settings(algo, k), "resume=true"), run_dir)
+    assert_same_run(ref_dir, ref, run_dir, resumed, k)
+    assert_same_companions(ref_dir, run_dir, k)
+
+
+@pytest.mark.parametrize("algo", LOCAL_MODELS)
+def test_the_companions_cost_is_reported_per_module(tmp_path, algo):
+    s = train(config(algo, 3, "local", max_steps=4, epochs=1), tmp_path)
+    assert len(s["aux_parameters"]) == 3 and s["aux_parameters"][-1] == 0
+    assert all(n > 0 for n in s["aux_parameters"][:-1]) and all(f > 0 for f in s["aux_flops"][:-1])
+    # SGD with momentum: the weights and as many momentum bytes (float32)
+    assert s["aux_parameter_bytes"] == [8 * n for n in s["aux_parameters"]]
+    assert s["num_parameters"] == train(config("bp", 1, "local", max_steps=4, epochs=1),
+                                        tmp_path / "bp")["num_parameters"]
+
+
+def test_dgl_steps_every_module_on_every_batch_and_dni_too(tmp_path):
+    steps = 30
+    s = train(config("dgl", 3, "local"), tmp_path / "dgl")
+    assert s["updates"] == [steps] * 3  # no fill: no module waits for a gradient
+    s = train(config("dni", 3, "local"), tmp_path / "dni")
+    assert s["updates"] == [steps] * 3
+
+
+@pytest.mark.parametrize("key,value,msg", [("n_lin", -1, "algo.n_lin=-1"),
+                                           ("kernel", 4, "algo.kernel=4 an odd number")])
+def test_bad_companion_options_are_one_sentence(key, value, msg):
+    algo = "dgl" if key == "n_lin" else "dni"
+    with pytest.raises(ConfigError, match=msg):
+        make_cfg(f"algo={algo}", "gpus=2", f"algo.{key}={value}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,k", [(a, k) for a in LOCAL_MODELS for k in (2, 3, 4)])
+def test_local_and_dist_give_identical_results(tmp_path, algo, k):
+    local_dir, dist_dir = tmp_path / "local", tmp_path / "dist"
+    local = train(config(algo, k, "local", max_steps=12), local_dir)
+    dist = launch(config(algo, k, "dist", max_steps=12), dist_dir)
+    for key in ("final_test_acc", "final_test_loss", "updates", "history_memory_bytes",
+                "aux_parameters", "aux_flops"):
+        assert local[key] == dist[key], key
+    untimed = [[{k: v for k, v in e.items() if k != "train_seconds"} for e in s["history"]]
+               for s in (local, dist)]
+    assert untimed[0] == untimed[1]
+    for a, b in zip(stage_params(local_dir, k), stage_params(dist_dir, k), strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert_same_companions(local_dir, dist_dir, k)
