@@ -115,8 +115,8 @@ class Algorithm:
     # synthetic (module k steps on a predicted gradient; the one sent down a tick later trains
     # the predictor, DNI)
     boundary: str = "gradient"
-    # builds the local model of module k < K (companion.py): (cfg, output shape, classes, k,
-    # device) -> Companion; None: the modules have none
+    # builds the local model of module k < K (companion.py): (algo options, output shape,
+    # classes, device, make_optimizer, run's lr) -> Companion; None: the modules have none
     companion: Callable[..., Any] | None = None
 
     RESUME: ClassVar[dict[str, str]] = {

@@ -140,3 +140,12 @@ def test_dpbp_schedule_prints_dgl_and_dni(capsys):
     assert cli.main(["schedule", "dni", "3"]) == 0
     out = capsys.readouterr().out
     assert "F1 >A1 <G0 L0 B1 S" in out and "trains the gradient predictor" in out
+
+
+@pytest.mark.parametrize("algo", LOCAL_MODELS)
+def test_a_finished_run_is_not_extended(tmp_path, algo):
+    """DGL drained its pipelined forward, DNI dropped its last predictors' targets: more epochs
+    would not equal a longer run."""
+    train(make_cfg(*settings(algo, 2), "trainer.epochs=1"), tmp_path)
+    with pytest.raises(ConfigError, match="drained"):
+        train(make_cfg(*settings(algo, 2), "trainer.epochs=2", "resume=true"), tmp_path)
