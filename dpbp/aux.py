@@ -64,8 +64,9 @@ class LocalLoss(Companion):
 
     def target(self, batch: int, out: torch.Tensor, given: Any
                ) -> tuple[torch.Tensor, None, list[torch.Tensor]]:
-        logits = self.model(out)
-        return F.cross_entropy(full_precision(logits), given), None, self.params
+        # float32 (autocast's bf16 outputs): the head runs outside the module's autocast
+        logits = self.model(full_precision(out))
+        return F.cross_entropy(logits, given), None, self.params
 
     def step(self, apply: bool) -> None:
         if apply:
