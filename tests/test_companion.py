@@ -11,12 +11,13 @@ from conftest import make_cfg
 from test_executor import config, stage_params
 from test_resume import assert_same_run, settings, signal_at, stage_files
 
-from dpbp import algos
+from dpbp import algos, p2p
 from dpbp.bench import plan
 from dpbp.errors import ConfigError, Interrupted
 from dpbp.interrupt import StopRequest
 from dpbp.launch import launch
 from dpbp.simulate import Profile, simulate
+from dpbp.stage import Stage
 from dpbp.train import train
 
 LOCAL_MODELS = [n for n in algos.names() if algos.get(n).companion is not None]
@@ -149,3 +150,23 @@ def test_a_finished_run_is_not_extended(tmp_path, algo):
     train(make_cfg(*settings(algo, 2), "trainer.epochs=1"), tmp_path)
     with pytest.raises(ConfigError, match="drained"):
         train(make_cfg(*settings(algo, 2), "trainer.epochs=2", "resume=true"), tmp_path)
+
+
+@pytest.mark.parametrize("algo", LOCAL_MODELS)
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_schedules_never_deadlock_under_nccl_ordering(monkeypatch, algo, k):
+    """test_dist's NCCL-ordered simulation of p2p.P2P (messages matched by order per
+    communicator), with every module k < K given its companion."""
+    import test_dist
+
+    options = make_cfg(f"algo={algo}", "gpus=2").algo
+
+    def stage(module, s, num_stages, name, optimizer, **kw):
+        build = algos.get(name).companion
+        companion = None if s == num_stages - 1 else build(
+            options, (3,), 3, torch.device("cpu"),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1), 0.1)
+        return Stage(module, s, num_stages, name, optimizer, companion=companion, **kw)
+
+    monkeypatch.setattr(test_dist, "Stage", stage)
+    test_dist.run_ranks(algo, k, num_batches=12, chunk=3, groups_for=p2p.make_groups)
