@@ -10,6 +10,11 @@ weight policy (keep.py: plain, stash, live, replay), chosen from the algorithm's
 holds, per batch it has forwarded but not yet back-propagated, what its policy saves, plus the
 counters that run across the tick boundary.
 
+A module k < K of DGL or DNI has a companion (companion.py): its backward differentiates the
+companion's target (DGL: the auxiliary classifier's loss on the labels; DNI: the output with the
+predicted gradient) instead of the error gradient from module k+1, and `learn` (DNI) hands the
+gradient that came down to the companion.
+
 Gradient shrinking (FDG): the error gradient received from the next module is multiplied by beta
 before the backward, so the gradient sent further down carries it too (beta^(K-k) in module k).
 Weight decay is added by SGD afterwards and is not scaled.

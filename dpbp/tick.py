@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dpbp import algos, checkpoint, schedule
 from dpbp.build import WorkerContext, make_optimizer, split_model
-from dpbp.companion import seeded
+from dpbp.companion import Companion, seeded
 from dpbp.config import RunConfig
 from dpbp.data import test_batches
 from dpbp.errors import ConfigError, Divergence
@@ -74,7 +74,7 @@ class TickRunner:
                      autocast=autocast, grad_sync=self.grid.grad_sync,
                      on_nonfinite=cfg.trainer.on_nonfinite, companion=self._companion(k))
 
-    def _companion(self, k: int):
+    def _companion(self, k: int) -> Companion | None:
         """Module k's local model (DGL's auxiliary head, DNI's gradient predictor), if any:
         seeded by (seed, k), the same under every executor."""
         build = self.record.companion

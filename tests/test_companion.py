@@ -13,9 +13,11 @@ from test_resume import assert_same_run, settings, signal_at, stage_files
 
 from dpbp import algos, p2p
 from dpbp.bench import plan
+from dpbp.build import build_model, resolve_balance
+from dpbp.data import load_dataset
 from dpbp.errors import ConfigError, Interrupted
 from dpbp.interrupt import StopRequest
-from dpbp.launch import launch
+from dpbp.launch import aux_parameters, launch
 from dpbp.simulate import Profile, simulate
 from dpbp.stage import Stage
 from dpbp.train import train
@@ -66,8 +68,14 @@ def test_signal_mid_epoch_and_resume_is_exact(tmp_path, algo):
 
 @pytest.mark.parametrize("algo", LOCAL_MODELS)
 def test_the_companions_cost_is_reported_per_module(tmp_path, algo):
-    s = train(config(algo, 3, "local", max_steps=4, epochs=1), tmp_path)
+    cfg = config(algo, 3, "local", max_steps=4, epochs=1)
+    s = train(cfg, tmp_path)
     assert len(s["aux_parameters"]) == 3 and s["aux_parameters"][-1] == 0
+    # the run header (launch.print_split) counts the same
+    ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
+    blocks = build_model(cfg, ds)
+    counts = resolve_balance(cfg, blocks, ds, torch.device("cpu"))
+    assert aux_parameters(cfg, blocks, counts, ds) == s["aux_parameters"]
     assert all(n > 0 for n in s["aux_parameters"][:-1]) and all(f > 0 for f in s["aux_flops"][:-1])
     # SGD with momentum: the weights and as many momentum bytes (float32)
     assert s["aux_parameter_bytes"] == [8 * n for n in s["aux_parameters"]]
