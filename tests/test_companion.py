@@ -100,11 +100,12 @@ def test_bad_companion_options_are_one_sentence(key, value, msg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,k", [(a, k) for a in LOCAL_MODELS for k in (2, 4)])
+@pytest.mark.parametrize("algo,k", [(a, 3) for a in LOCAL_MODELS])
 def test_local_and_dist_give_identical_results(tmp_path, algo, k):
-    """K = 4 has two middle modules (each receives activations and, for DNI, sends and takes
-    gradients): every kind of boundary of K = 3 occurs in it (K = 3 passed too, when run; left
-    out to keep the suite's time)."""
+    """K = 3 has a first, a middle and a last module, so every kind of module and boundary
+    (activations up; DNI's gradients down into a predictor) is exercised. K = 2 and 4 passed
+    too when run (parametrize k over 2, 3, 4); they are left out to keep the suite's time (a K = 4
+    dist run costs about 40 s here)."""
     local_dir, dist_dir = tmp_path / "local", tmp_path / "dist"
     local = train(config(algo, k, "local", max_steps=12), local_dir)
     dist = launch(config(algo, k, "dist", max_steps=12), dist_dir)
