@@ -22,6 +22,7 @@ from dpbp.errors import ConfigError
 
 FAMILIES = ("tick", "threads", "pipelining")
 WEIGHT_POLICIES = ("stash", "live")
+BOUNDARIES = ("gradient", "none", "synthetic")
 
 
 @dataclass
@@ -109,6 +110,14 @@ class Algorithm:
     # all-reduce per step) | microbatches (a flushed microbatch pipeline) | None (not modelled)
     simulate: str | None = "tick"
     layout: Callable[[int], tuple[int, int] | None] = one_module_per_worker  # W -> (K, R)
+    # what crosses a module boundary downwards (schedule.py): gradient (the error gradient
+    # drives module k's backward) | none (module k < K trains on a local loss, DGL) |
+    # synthetic (module k steps on a predicted gradient; the one sent down a tick later trains
+    # the predictor, DNI)
+    boundary: str = "gradient"
+    # builds the local model of module k < K (companion.py): (algo options, output shape,
+    # classes, device, make_optimizer, run's lr) -> Companion; None: the modules have none
+    companion: Callable[..., Any] | None = None
 
     RESUME: ClassVar[dict[str, str]] = {
         "exact": "bit for bit: the same weights, optimizer state and metrics as a run that was "
@@ -122,6 +131,10 @@ class Algorithm:
             raise ValueError(f"algorithm {self.name}: family must be one of {FAMILIES}")
         if self.keeps not in ("graph", "input") or self.resume not in self.RESUME:
             raise ValueError(f"algorithm {self.name}: bad keeps or resume")
+        if self.boundary not in BOUNDARIES or (self.boundary != "gradient"
+                                               and self.companion is None):
+            raise ValueError(f"algorithm {self.name}: boundary must be one of {BOUNDARIES}; "
+                             "none and synthetic need a companion")
 
     def delays(self, num_stages: int) -> list[int]:
         """The delay of every stage of a K-stage pipeline."""

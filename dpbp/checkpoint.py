@@ -170,8 +170,10 @@ def check_resume(cfg, run_dir: Path) -> dict[str, Any]:
 def check_extend(run: dict[str, Any], total_epochs: int, cfg) -> None:
     """Refuse to train a finished decoupled run for more epochs: its last epoch drained the
     pipeline and dropped the late gradients, which a longer run would have applied."""
+    rec = algos.get(cfg.algo.name)
+    # a drained pipelined forward, or DNI's dropped last targets, would differ the same way
     if run.get("drained") and run["epoch"] < total_epochs and cfg.modules > 1 \
-            and any(algos.get(cfg.algo.name).delays(cfg.modules)):
+            and (any(rec.delays(cfg.modules)) or rec.pipelined or rec.boundary != "gradient"):
         raise ConfigError(
             f"the checkpoint is the end of a finished {run['epoch']}-epoch algo={cfg.algo.name} "
             "run (its pipeline was drained), so more epochs would not equal a longer run; start "

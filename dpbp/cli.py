@@ -281,7 +281,9 @@ def print_schedule(args: list[str]) -> int:
     algo, k = args[0], int(args[1])
     batches = int(args[2]) if len(args) == 3 else 2 * k + 2
     print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step; stage s is module s+1;\n"
-          ">A/<A send/receive an activation, >G/<G an error gradient")
+          ">A/<A send/receive an activation, >G/<G an error gradient"
+          + ("; L<b> the gradient of batch b trains the gradient predictor"
+             if algos.get(algo).boundary == "synthetic" else ""))
     print(format_table(algo, k, batches))
     return 0
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from dpbp.schedule import (
     BACKWARD,
     FORWARD,
+    LEARN,
     RECV_ACT,
     RECV_GRAD,
     SEND_ACT,
@@ -75,7 +76,9 @@ def run_program(
             io.send("act", b, outs.pop(b))
         elif op == BACKWARD:
             outs.pop(b, None)  # the last stage's logits are not sent anywhere
-            g = feed.labels(b) if stage.last else grads.pop(b)
+            given = stage.backward_input
+            g = (feed.labels(b) if given == "labels" else grads.pop(b) if given == "gradient"
+                 else None)
             d = stage.backward(b, g)
             if d is not None:
                 dgrads[b] = d
@@ -83,6 +86,8 @@ def run_program(
             io.send("grad", b, dgrads.pop(b))
         elif op == STEP:
             stage.step(b)
+        elif op == LEARN:
+            stage.learn(b, grads.pop(b))
         else:  # pragma: no cover - the schedule only emits the ops above
             raise ValueError(f"unknown instruction {ins}")
     outs.clear()

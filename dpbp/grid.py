@@ -150,6 +150,7 @@ class Grid:
                 "updates": s.stats.updates,
                 "skipped": s.stats.skipped,
                 "process_cpu": None,
+                "aux": None if s.companion is None else s.companion.info(),
             })
         # the process's CPU time since attach (user, system), with its first stage: a local
         # run's stages share one process

@@ -46,9 +46,17 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from dpbp import custom, failures, lifecycle, rundir
-from dpbp.build import WorkerContext, build_model, pick_device, resolve_balance
+from dpbp import algos, custom, failures, lifecycle, rundir
+from dpbp.build import (
+    WorkerContext,
+    build_model,
+    make_optimizer,
+    output_shapes,
+    pick_device,
+    resolve_balance,
+)
 from dpbp.checkpoint import check_extend, check_position, check_resume, find
+from dpbp.companion import seeded
 from dpbp.config import RunConfig, from_dict
 from dpbp.data import load_dataset
 from dpbp.errors import ConfigError, Interrupted
@@ -56,6 +64,7 @@ from dpbp.feed import steps_per_epoch
 from dpbp.interrupt import STOP_FILE, StopRequest, install
 from dpbp.logs import RunLogger
 from dpbp.models import describe_blocks
+from dpbp.split import boundaries
 from dpbp.train import train
 
 
@@ -89,8 +98,25 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     if not quiet:
         labels = (describe_blocks(cfg.model, blocks) if cfg.model_args is None
                   else custom.describe(blocks))
-        print_split(cfg, blocks, counts, labels)
+        print_split(cfg, blocks, counts, labels, aux_parameters(cfg, blocks, counts, ds))
     return counts
+
+
+def aux_parameters(cfg: RunConfig, blocks, counts: list[int], ds) -> list[int] | None:
+    """Parameters of each module's companion (DGL's head, DNI's predictor; 0 for the last
+    module), for the run header; None when the algorithm has none."""
+    build = algos.get(cfg.algo.name).companion
+    if build is None:
+        return None
+    modules = [torch.nn.Sequential(*blocks[a:b]) for a, b in boundaries(counts)]
+    shapes = output_shapes(modules, ds)
+    def count(shape: tuple[int, ...]) -> int:
+        companion = build(cfg.algo, shape, ds.num_classes, torch.device("cpu"),
+                          lambda m: make_optimizer(cfg, m), cfg.optim.lr)
+        return sum(p.numel() for p in companion.params)
+
+    return [0 if k == len(shapes) - 1 else seeded(cfg.seed, k, lambda s=shape: count(s))
+            for k, shape in enumerate(shapes)]
 
 
 def check_same_split(run: dict[str, Any], counts: list[int]) -> None:
@@ -144,14 +170,18 @@ def check_writable(run_dir: Path) -> None:
                           "hydra.run.dir=... (or free space there).") from None
 
 
-def print_split(cfg: RunConfig, blocks, counts: list[int], labels: list[str]) -> None:
+def print_split(cfg: RunConfig, blocks, counts: list[int], labels: list[str],
+                aux: list[int] | None = None) -> None:
+    """The run header: each module's blocks and parameters (and its companion's, apart)."""
     t = Table(title=f"{cfg.model} cut into {len(counts)} module(s) for algo={cfg.algo.name}")
-    for col in ("module", "blocks", "first..last", "parameters"):
+    cols = ("module", "blocks", "first..last", "parameters") + (("auxiliary",) if aux else ())
+    for col in cols:
         t.add_column(col, justify="right" if col != "first..last" else "left")
     start = 0
     for k, c in enumerate(counts):
         params = sum(p.numel() for b in blocks[start:start + c] for p in b.parameters())
-        t.add_row(str(k + 1), str(c), f"{labels[start]}..{labels[start + c - 1]}", f"{params:,}")
+        t.add_row(str(k + 1), str(c), f"{labels[start]}..{labels[start + c - 1]}", f"{params:,}",
+                  *((f"{aux[k]:,}",) if aux else ()))
         start += c
     Console(stderr=True).print(t)
 

@@ -177,6 +177,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("images/s", f"{summary['images_per_second']:.0f}"),
         ("peak memory per module (MiB)", mib),
     ]
+    if summary.get("aux_parameters"):  # DGL's heads, DNI's predictors: cost, not model
+        rows.append(("auxiliary parameters per module",
+                     ", ".join(f"{n:,}" for n in summary["aux_parameters"])))
+        rows.append(("auxiliary MFLOPs per sample",
+                     ", ".join(f"{f / 1e6:.2f}" for f in summary["aux_flops"])))
     for k, v in rows:
         t.add_row(k, v)
     return t

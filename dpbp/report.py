@@ -203,6 +203,8 @@ def row(g: Group, base: Baseline | None) -> dict[str, Any]:
                             for b in first.get("peak_memory_bytes") or []],
         "paper_acc": paper_accuracy(g.data, g.model, g.algo, g.modules,
                                     first.get("config", {}).get("algo", {}).get("beta")),
+        "aux_parameters": first.get("aux_parameters"),
+        "aux_flops": first.get("aux_flops"),
     }
 
 
@@ -233,7 +235,21 @@ def table(summaries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[s
         r["settings"] = " ".join(f"{k}={v}" for k, v in g.settings if k in varying)
         r["device"], r["_group"], r["_base"] = g.device, g, b
         rows.append(r)
-    return rows, notes(rows, computed)
+    return rows, notes(rows, computed) + aux_notes(rows)
+
+
+def aux_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row whose modules train companions (DGL's auxiliary heads, DNI's gradient
+    predictors): their parameters and multiply-adds, which the network's count leaves out."""
+    out = []
+    for r in rows:
+        if r.get("aux_parameters"):
+            params = " / ".join(f"{n:,}" for n in r["aux_parameters"])
+            flops = " / ".join(f"{f / 1e6:.2f}" for f in r["aux_flops"])
+            out.append(f"Auxiliary models of {r['algo']} K={r['modules']} {r['settings']}"
+                       .rstrip() + f" (not in the network's parameters): {params} parameters "
+                       f"and {flops} MFLOPs per sample, per module.")
+    return out
 
 
 def describe(g: Group) -> str:

@@ -27,6 +27,11 @@ reference code runs the delayed backward and step before the forward instead; wi
 FDG module holds 2(K-k)+1 batches at its peak (the code: 2(K-k)) and a gradient is applied
 2(K-k) updates after the forward that produced it (the code: 2(K-k)-1).
 
+Algorithms whose record says `boundary="none"` (DGL) send no error gradient: every stage steps
+on its own loss in the tick of its forward. With `boundary="synthetic"` (DNI) a stage steps on a
+predicted gradient in that tick too, and the input gradient it sends down reaches stage s-1 a
+tick later, where `L` (learn) trains stage s-1's predictor on it, before that tick's backward.
+
 Pipeline fill: a stage makes no update until its first delayed gradient arrives. End of training:
 forwards are drained (fdg runs K-1 extra ticks so the last stage sees every batch); error
 gradients that would arrive after the last tick are dropped, and so are the sends that carry them.
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 
 from dpbp import algos
 
-FORWARD, BACKWARD, STEP = "F", "B", "S"
+FORWARD, BACKWARD, STEP, LEARN = "F", "B", "S", "L"
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = ">A", "<A", ">G", "<G"
 
 
@@ -80,11 +85,23 @@ def backward_tick(algo: str, stage: int, num_stages: int, batch: int) -> int:
     return _backward_tick(algo, stage, num_stages, batch)
 
 
+def boundary(algo: str) -> str:
+    """What crosses a boundary downwards: gradient | none | synthetic (the record's)."""
+    return algos.get(algo).boundary
+
+
 def _receive_tick(algo: str, stage: int, num_stages: int, op: str, batch: int) -> int:
     """The tick at which `stage` takes the message of `op` (RECV_ACT or RECV_GRAD) for `batch`."""
     if op == RECV_ACT:
         return batch + (stage if pipelined(algo) else 0)
+    if boundary(algo) == "synthetic":  # the tick after stage+1 sent it: it trains a predictor
+        return _backward_tick(algo, stage + 1, num_stages, batch) + 1
     return _backward_tick(algo, stage, num_stages, batch)
+
+
+def _learn_batch(algo: str, stage: int, num_stages: int, tick: int) -> int:
+    """synthetic: the batch whose gradient from stage+1 trains `stage`'s predictor at `tick`."""
+    return forward_batch(algo, stage + 1, tick - 1) - delay(algo, stage + 1, num_stages)
 
 
 def carried(
@@ -142,14 +159,20 @@ def tick_program(
         out.append(Instr(FORWARD, b))
         if not last:
             out.append(Instr(SEND_ACT, b))
+    crossing = boundary(algo)
+    if crossing == "synthetic" and not last:
+        c = _learn_batch(algo, stage, num_stages, tick)
+        if 0 <= c < num_batches:
+            out += [Instr(RECV_GRAD, c), Instr(LEARN, c)]
     # which batch this stage back-propagates now
     g = b - delay(algo, stage, num_stages)
     if 0 <= g < num_batches:
-        if not last:
+        if not last and crossing == "gradient":
             out.append(Instr(RECV_GRAD, g))
         out.append(Instr(BACKWARD, g))
         # send the input gradient down only if stage-1 will still use it before the end
-        if stage > 0 and _backward_tick(algo, stage - 1, num_stages, g) < end_tick:
+        if stage > 0 and crossing != "none" and \
+                _receive_tick(algo, stage - 1, num_stages, RECV_GRAD, g) < end_tick:
             out.append(Instr(SEND_GRAD, g))
         out.append(Instr(STEP, g))
     return out

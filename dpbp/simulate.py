@@ -19,6 +19,12 @@ Timing model (all times in seconds, deterministic: means measured by the bench):
 - Data parallel (dp_fdg, ddp with R > 1): the all-reduce of module k's gradients is a barrier of
   module k over the replicas, then allreduce[k] seconds during which those devices compute
   nothing. With R = 1 there is nothing to reduce and the all-reduce is skipped.
+- Companions (DGL's auxiliary heads, DNI's gradient predictors): `Profile.aux[k]` seconds per
+  batch, added to module k's backward (DNI's predictor step, `L`, runs as part of it; its wait
+  for the gradient from k+1 is modelled by the receive before it). The bench's block profile
+  does not measure them, so `predict=true` leaves them out (aux = 0): an upper bound on
+  DGL's and DNI's throughput, exact in their dependencies (DGL: none across modules; DNI: the
+  forward within a tick and the predictor's target one tick later).
 - Not modelled: data loading, evaluation, logging, checkpoints, memory limits, kernel launch
   latency, and any cost the profile does not measure (e.g. DDG's weight stash copies count only
   if the bench's forward includes them).
@@ -66,6 +72,7 @@ class Profile:
     step: tuple[float, ...] = ()  # optimizer step per module (default 0)
     transfer: tuple[float, ...] = ()  # one activation (or gradient) across k -> k+1, K-1 entries
     allreduce: tuple[float, ...] = ()  # module k's gradients over the replicas (default 0)
+    aux: tuple[float, ...] = ()  # module k's companion (DGL head, DNI predictor) per batch
 
     def __post_init__(self) -> None:
         k = len(self.forward)
@@ -74,7 +81,7 @@ class Profile:
                              f"{len(self.forward)} and {len(self.backward)}.")
         # frozen: normalise to float tuples and fill the defaults through object.__setattr__
         for name, n in (("forward", k), ("backward", k), ("step", k), ("transfer", k - 1),
-                        ("allreduce", k)):
+                        ("allreduce", k), ("aux", k)):
             object.__setattr__(self, name, _floats(name, getattr(self, name), n))
 
     @property
@@ -230,8 +237,8 @@ def _tick_lanes(algo: str, p: Profile, num_batches: int, replica: int,
             op, b, label = ins.op, ins.batch, str(ins)
             if op == FORWARD:
                 ops.append(Op(RUN, p.forward[s], label=label))
-            elif op == BACKWARD:
-                ops.append(Op(RUN, replay + p.backward[s], label=label))
+            elif op == BACKWARD:  # a companion's forward, backward and step count here too
+                ops.append(Op(RUN, replay + p.backward[s] + p.aux[s], label=label))
             elif op == STEP:
                 if replicas > 1:  # Stage.step all-reduces the gradients before the update
                     ops.append(Op(SYNC, p.allreduce[s], ("ar", s, steps), "AR", replicas))

@@ -10,6 +10,11 @@ weight policy (keep.py: plain, stash, live, replay), chosen from the algorithm's
 holds, per batch it has forwarded but not yet back-propagated, what its policy saves, plus the
 counters that run across the tick boundary.
 
+A module k < K of DGL or DNI has a companion (companion.py): its backward differentiates the
+companion's target (DGL: the auxiliary classifier's loss on the labels; DNI: the output with the
+predicted gradient) instead of the error gradient from module k+1, and `learn` (DNI) hands the
+gradient that came down to the companion.
+
 Gradient shrinking (FDG): the error gradient received from the next module is multiplied by beta
 before the backward, so the gradient sent further down carries it too (beta^(K-k) in module k).
 Weight decay is added by SGD afterwards and is not scaled.
@@ -88,11 +93,14 @@ class Stage:
         autocast: Callable[[], object] | None = None,
         grad_sync: Any = None,
         on_nonfinite: str = "stop",
+        companion: Any = None,
     ) -> None:
         """`grad_sync` (grid.GradSync) all-reduces each weight's gradient across data-parallel
         replicas as the backward computes it and averages them before the update (dp_fdg);
         None for a single pipeline. `on_nonfinite`: stop
-        (remember the first bad batch, the run stops) or skip (skip that update)."""
+        (remember the first bad batch, the run stops) or skip (skip that update).
+        `companion` (companion.py): the local model of a module k < K that trains on a local
+        loss (DGL) or predicts its error gradient (DNI); None for the others."""
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -114,6 +122,11 @@ class Stage:
         self.skip_nonfinite = on_nonfinite == "skip"
         # live: forwards of batches >= this keep a copy of their weights for a checkpoint
         self.keep_weights_from: int | None = None
+        self.companion = companion if not self.last else None
+        # what the executor hands `backward`: labels | gradient (from k+1) | nothing
+        self.backward_input = ("labels" if self.last else "gradient" if companion is None
+                               else companion.takes)
+        self.sends_gradient = index > 0 and record.boundary != "none"
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -150,10 +163,14 @@ class Stage:
         self.stats.held_bytes -= p.nbytes
         out, weights = self.keeps.graph(self, p)
         x = p.x
+        extra: list[torch.Tensor] = []  # companion weights this backward trains
         if self.last:
             loss = F.cross_entropy(full_precision(out), grad)
             self._count(out, grad, loss, batch)
             target, grad_out = loss, None
+        elif self.companion is not None:
+            target, grad_out, extra = self.companion.target(batch, out, grad)
+            self._hold()
         else:
             target, grad_out = out, grad * self.beta if self.beta != 1.0 else grad
         if isinstance(self.module, DistributedDataParallel):
@@ -161,11 +178,21 @@ class Stage:
             # backward: it needs .backward(), which autograd.grad would bypass
             torch.autograd.backward(target, grad_out)
             return None
-        inputs = list(weights.values()) + ([x] if self.index > 0 else [])
+        inputs = list(weights.values()) + extra + ([x] if self.sends_gradient else [])
         grads = torch.autograd.grad(target, inputs, grad_out)
-        for param, g in zip(self.params.values(), grads):
+        for param, g in zip([*self.params.values(), *extra], grads):
             param.grad = g
-        return grads[-1] if self.index > 0 else None
+        return grads[-1] if self.sends_gradient else None
+
+    def learn(self, batch: int, grad: torch.Tensor) -> None:
+        """DNI: the gradient module k+1 sent down for `batch` trains this module's predictor."""
+        self.companion.learn(batch, grad)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Count what the companion holds now (its batches in flight) in the peak."""
+        s = self.stats
+        s.peak_bytes = max(s.peak_bytes, s.held_bytes + self.companion.held_bytes())
 
     def _count(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
                batch: int) -> None:
@@ -229,6 +256,8 @@ class Stage:
                 s.skipped_in_a_row += 1
                 for p in self.params.values():
                     p.grad = None
+                if self.companion is not None:
+                    self.companion.step(apply=False)
                 return
             s.skipped_in_a_row = 0
         else:
@@ -240,6 +269,8 @@ class Stage:
         self.optimizer.step()
         for p in self.params.values():
             p.grad = None
+        if self.companion is not None:
+            self.companion.step(apply=True)
         s.updates += 1
 
     # -- evaluation --------------------------------------------------------------------------
@@ -297,3 +328,5 @@ class Stage:
         """Forget in-flight batches (end of training: their gradients are dropped)."""
         self.pending.clear()
         self.stats.held_bytes = 0
+        if self.companion is not None:
+            self.companion.drop_pending()

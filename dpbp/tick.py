@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dpbp import algos, checkpoint, schedule
 from dpbp.build import WorkerContext, make_optimizer, split_model
+from dpbp.companion import Companion, seeded
 from dpbp.config import RunConfig
 from dpbp.data import test_batches
 from dpbp.errors import ConfigError, Divergence
@@ -42,6 +43,7 @@ class TickRunner:
         self.replica, k_mine = divmod(ctx.rank, self.k)  # ranks: replica-major, module-minor
         mine = [k_mine] if ctx.distributed else list(range(self.k))
         self.grid = Grid(cfg, ctx, split.shapes, self.device, self.replica)
+        self.shapes, self.classes = split.shapes, split.data.num_classes
         self.stages = [self._stage(split.modules[k], k) for k in mine]
         # replica 0's last stage reports for the run (the replicas hold the same weights)
         self.reports = self.stages[-1].last and self.replica == 0
@@ -70,7 +72,17 @@ class TickRunner:
         return Stage(m, k, self.k, cfg.algo.name, make_optimizer(cfg, m),
                      weights=cfg.algo.weight_policy(), beta=cfg.algo.shrink(),
                      autocast=autocast, grad_sync=self.grid.grad_sync,
-                     on_nonfinite=cfg.trainer.on_nonfinite)
+                     on_nonfinite=cfg.trainer.on_nonfinite, companion=self._companion(k))
+
+    def _companion(self, k: int) -> Companion | None:
+        """Module k's local model (DGL's auxiliary head, DNI's gradient predictor), if any:
+        seeded by (seed, k), the same under every executor."""
+        build = self.record.companion
+        if build is None or k == self.k - 1:
+            return None
+        return seeded(self.cfg.seed, k, lambda: build(
+            self.cfg.algo, self.shapes[k], self.classes, self.device,
+            lambda m: make_optimizer(self.cfg, m), self.cfg.optim.lr))
 
     # -- the run loop's calls, in the order it makes them -----------------------------------
 
@@ -89,6 +101,8 @@ class TickRunner:
                 s.module.load_state_dict(ck["module"])
                 s.optimizer.load_state_dict(ck["optimizer"])
                 s.restore_inflight(ck["inflight"], self.device)
+                if s.companion is not None:
+                    s.companion.load_state_dict(ck["companion"], self.device)
             except (RuntimeError, ValueError, KeyError) as e:  # other split.balance or data
                 raise ConfigError(
                     f"{checkpoint.stage_file(directory, s.index, self.replica)} does not fit "
@@ -103,6 +117,8 @@ class TickRunner:
         for s in self.stages:
             for g in s.optimizer.param_groups:
                 g["lr"] = lr
+            if s.companion is not None:
+                s.companion.set_lr(lr)
 
     def begin_epoch(self, stop: int, checkpoint_due: bool) -> None:
         """weights=live: the batches in flight at `stop` (a checkpoint) keep a copy of the
@@ -166,6 +182,7 @@ class TickRunner:
                 "module": s.module.state_dict(), "optimizer": s.optimizer.state_dict(),
                 "updates": s.stats.updates, "inflight": s.inflight(),
                 "messages": [[kind, b, compact(t)] for kind, b, t in flight.get(s.index, [])],
+                "companion": None if s.companion is None else s.companion.state_dict(),
             }
             checkpoint.save_part(directory, s.index, self.replica, part)
 
@@ -190,7 +207,19 @@ class TickRunner:
             "updates": [s["updates"] for s in stats],
             "skipped_steps": [s["skipped"] for s in stats],
             "process_cpu_seconds": [s["process_cpu"] for s in stats if s["process_cpu"]],
+            **aux_keys(stats),
         }
+
+
+def aux_keys(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The companions' cost per module (DGL's heads, DNI's predictors; 0 for the last module),
+    apart from the network's; {} when no module has one."""
+    if not any(s.get("aux") for s in stats):
+        return {}
+    aux = [s.get("aux") or {"parameters": 0, "parameter_bytes": 0, "flops": 0} for s in stats]
+    return {"aux_parameters": [a["parameters"] for a in aux],
+            "aux_parameter_bytes": [a["parameter_bytes"] for a in aux],
+            "aux_flops": [a["flops"] for a in aux]}
 
 
 def _check_part(ck: dict[str, Any], s: Stage, cfg: RunConfig, directory: Path) -> None:
