@@ -22,6 +22,9 @@ from dpbp.errors import ConfigError
 
 FAMILIES = ("tick", "threads", "pipelining")
 WEIGHT_POLICIES = ("stash", "live")
+# what a model and its data are trained for (models.task, DataConfig.task)
+TASKS = {"classify": "image classification",
+         "lm": "language modelling (model=gpt data=text: a loss at the last module only)"}
 
 
 @dataclass
@@ -109,6 +112,9 @@ class Algorithm:
     # all-reduce per step) | microbatches (a flushed microbatch pipeline) | None (not modelled)
     simulate: str | None = "tick"
     layout: Callable[[int], tuple[int, int] | None] = one_module_per_worker  # W -> (K, R)
+    # the tasks it applies to: one that needs image augmentation or a classifier head per
+    # module (local losses) would leave out "lm"
+    tasks: tuple[str, ...] = tuple(TASKS)
 
     RESUME: ClassVar[dict[str, str]] = {
         "exact": "bit for bit: the same weights, optimizer state and metrics as a run that was "
@@ -122,6 +128,8 @@ class Algorithm:
             raise ValueError(f"algorithm {self.name}: family must be one of {FAMILIES}")
         if self.keeps not in ("graph", "input") or self.resume not in self.RESUME:
             raise ValueError(f"algorithm {self.name}: bad keeps or resume")
+        if not set(self.tasks) <= set(TASKS):
+            raise ValueError(f"algorithm {self.name}: tasks must be among {tuple(TASKS)}")
 
     def delays(self, num_stages: int) -> list[int]:
         """The delay of every stage of a K-stage pipeline."""

@@ -45,7 +45,8 @@ def pick_device(cfg: RunConfig, local_rank: int = 0) -> torch.device:
 def build_model(cfg: RunConfig, ds: Dataset) -> list[nn.Module]:
     """The whole model's blocks, initialised from the seed: identical in every process."""
     torch.manual_seed(cfg.seed)
-    return build_blocks(cfg.model, ds.in_channels, ds.num_classes)
+    return build_blocks(cfg.model, ds.in_channels, ds.num_classes, context=ds.context,
+                        **cfg.model_args)
 
 
 def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
@@ -57,16 +58,16 @@ def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
     if k > len(blocks):
         balanced_counts([1.0] * len(blocks), k)  # raises the clear error
     if cfg.split.by == "time":
-        x = torch.randn(cfg.trainer.batch_size, ds.in_channels, ds.image_size, ds.image_size,
-                        device=device)
+        x = ds.example(cfg.trainer.batch_size).to(device)
+        if x.is_floating_point():
+            x = torch.randn_like(x)
         return balanced_counts(block_times([b.to(device) for b in blocks], x), k)
-    x = torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size)
-    return balanced_counts(block_flops(blocks, x), k)
+    return balanced_counts(block_flops(blocks, ds.example(1)), k)
 
 
 def output_shapes(modules: list[nn.Module], ds: Dataset) -> list[tuple[int, ...]]:
     """Per-sample output shape of each module (fixed once; the transport sizes buffers by it)."""
-    x = torch.zeros(2, ds.in_channels, ds.image_size, ds.image_size)
+    x = ds.example(2)
     shapes = []
     with torch.no_grad():
         for m in modules:

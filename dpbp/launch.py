@@ -88,7 +88,18 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         check_same_split(run, counts)
     if not quiet:
         print_split(cfg, blocks, counts, describe_blocks(cfg.model, blocks))
+        Console(stderr=True, highlight=False).print(data_path(cfg, ds))
     return counts
+
+
+def data_path(cfg: RunConfig, ds) -> str:
+    """The run header's line on where training batches come from (the summary's
+    `data_loading`)."""
+    mib = (ds.train_x.nbytes + ds.train_y.nbytes) / 2**20
+    where = (f"streamed through a DataLoader with {cfg.data.loader_workers} worker(s)"
+             if ds.streamed else "held on the device")
+    return (f"data={cfg.data.name}: {ds.num_train} training samples ({mib:.1f} MiB, "
+            f"data.stream={cfg.data.stream}, budget {cfg.data.stream_budget_mb:g} MiB), {where}")
 
 
 def check_same_split(run: dict[str, Any], counts: list[int]) -> None:

@@ -64,7 +64,9 @@ def test_every_option_of_every_group_composes_and_validates(group):
     assert options, f"no YAML files in conf/{group}"
     for option in options:
         # dp_fdg's 2 replicas need at least 2 workers; gpipe one process per stage
-        workers = {"dp_fdg": ["gpus=4"], "gpipe": ["gpus=2"]}.get(option, [])
+        # and the language model and text go together
+        workers = {"dp_fdg": ["gpus=4"], "gpipe": ["gpus=2"], "gpt": ["data=text"],
+                   "text": ["model=gpt"]}.get(option, [])
         d = compose_dict(f"{group}={option}", *workers)
         cfg = from_dict(d)  # every key of every YAML file is a known setting of the right type
         validate(cfg)
@@ -217,4 +219,5 @@ def test_replicas_belong_to_dp_fdg_and_to_processes():
 def test_run_config_fields_match_the_primary_yaml():
     # train.yaml and RunConfig must name the same top-level settings (the groups are nested)
     top = set(compose_dict())
-    assert top == {f.name for f in dataclasses.fields(RunConfig)}
+    # model_args: the model group's own keys besides model.name (conf/model/gpt.yaml)
+    assert top | {"model_args"} == {f.name for f in dataclasses.fields(RunConfig)}
