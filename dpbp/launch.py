@@ -88,7 +88,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         check_same_split(run, counts)
     if not quiet:
         print_split(cfg, blocks, counts, describe_blocks(cfg.model, blocks))
-        Console(stderr=True, highlight=False).print(data_path(cfg, ds))
+        Console(stderr=True, highlight=False, soft_wrap=True).print(data_path(cfg, ds))
     return counts
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import make_cfg
 from test_text import write_text
 
-from dpbp import algos, report
+from dpbp import algos, hparams, report
 from dpbp.algorithm import AlgoConfig, Algorithm
 from dpbp.config import validate
 from dpbp.errors import ConfigError
@@ -98,8 +98,11 @@ def test_tensorboard_holds_perplexity_not_accuracy(tmp_path, text_path):
 
     from dpbp.logs import RunLogger
 
-    train(lm_cfg(text_path, "algo=bp", "gpus=1", "trainer.epochs=1"), tmp_path,
-          logger_factory=RunLogger)
+    s = train(lm_cfg(text_path, "algo=bp", "gpus=1", "trainer.epochs=1"), tmp_path,
+              logger_factory=RunLogger)
+    # the HParams tab's first metrics are the perplexities (a classifier's: accuracies)
+    assert [tag for tag, _ in hparams.metrics(s)[:2]] == ["perplexity/test",
+                                                          "summary/best_test_perplexity"]
     ea = EventAccumulator(str(tmp_path))
     ea.Reload()
     tags = ea.Tags()["scalars"]
