@@ -4,6 +4,9 @@ executor=local, and an exact resume from a checkpoint inside an epoch."""
 
 from __future__ import annotations
 
+import math
+import threading
+
 import pytest
 import torch
 from conftest import make_cfg
@@ -138,3 +141,32 @@ def test_stream_settings_survive_the_trip_to_the_workers():
     again = from_dict(cfg.to_dict())
     assert (again.data.stream, again.data.stream_budget_mb, again.data.loader_workers) == \
         (True, 10, 1)
+
+
+
+def test_threads_share_one_stream(tmp_path):
+    """Forward threads (asgd.py) ask for batches concurrently and a little out of order: each
+    gets the batch it names; pdasgd trains on the streaming path."""
+    held, streamed = feeds()
+    todo, got, lock = iter(range(40)), {}, threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                n = next(todo, None)
+            if n is None:
+                return
+            got[n] = (streamed.inputs(n), streamed.labels(n))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n, (x, y) in got.items():
+        assert torch.equal(x, held.inputs(n)) and torch.equal(y, held.labels(n)), n
+    s = train(make_cfg("algo=pdasgd", "gpus=1", "model.name=resnet8", "trainer.epochs=1",
+                       "trainer.max_steps=12", "data.stream=true", "data.loader_workers=0"),
+              tmp_path)
+    assert s["data_loading"] == "stream" and s["steps"] == 12
+    assert math.isfinite(s["history"][-1]["train_loss"])
