@@ -6,9 +6,9 @@
 #   scripts/transformer_text.sh OUT [EPOCHS] [SEEDS]
 set -euo pipefail
 out=${1:?usage: scripts/transformer_text.sh OUT [EPOCHS] [SEEDS]}
-epochs=${2:-4}
+epochs=${2:-5}
 seeds=${3:-0}
-chars=${CHARS:-300000}
+chars=${CHARS:-200000}
 bin=$(dirname "$(command -v python)")
 dpbp=${DPBP:-$bin/dpbp}
 mkdir -p "$out"
@@ -22,6 +22,9 @@ common=(model=gpt data=text "data.path=$out/corpus.txt" data.context=64 model.la
         model.dim=128 model.heads=4 trainer.batch_size=32 "trainer.epochs=$epochs"
         sched=cosine optim.lr=0.1 optim.momentum=0.9 optim.weight_decay=0 device=cpu
         executor=local trainer.progress=false "seed=$seeds")
-"$dpbp" train -m algo=bp gpus=1 "${common[@]}" hydra.sweep.dir="$out/runs/k1"
+# executor=local: every module in one process (the numbers of executor=dist, tests/test_lm.py);
+# the K = 1 run goes beside the K = 2 sweep (2 cores)
+"$dpbp" train -m algo=bp gpus=1 "${common[@]}" hydra.sweep.dir="$out/runs/k1" &
 "$dpbp" train -m algo=bp,ddg,fdg gpus=2 "${common[@]}" hydra.sweep.dir="$out/runs/k2"
+wait
 "$dpbp" report "$out/runs" --out "$out/table"
