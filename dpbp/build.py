@@ -46,7 +46,7 @@ def build_model(cfg: RunConfig, ds: Dataset) -> list[nn.Module]:
     """The whole model's blocks, initialised from the seed: identical in every process."""
     torch.manual_seed(cfg.seed)
     return build_blocks(cfg.model, ds.in_channels, ds.num_classes, context=ds.context,
-                        **cfg.model_args)
+                        **cfg.model_options)
 
 
 def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,

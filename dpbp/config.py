@@ -88,7 +88,7 @@ class RunConfig:
     executor: str
     seed: int
     resume: bool | str
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # model's own keys
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model's own keys
 
     @property
     def modules(self) -> int:
@@ -181,7 +181,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             takes = ", ".join(f"model.{k}" for k in ("name", *own))
             raise ConfigError(f"model={model.get('name')} takes only {takes}; got the keys "
                               f"{sorted(model)}.")
-        d["model_args"] = {k: model[k] for k in own if k in model}
+        d["model_options"] = {k: model[k] for k in own if k in model}
         model = model["name"]
     data = dict(d.pop("data", {}))
     if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check

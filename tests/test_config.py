@@ -219,5 +219,5 @@ def test_replicas_belong_to_dp_fdg_and_to_processes():
 def test_run_config_fields_match_the_primary_yaml():
     # train.yaml and RunConfig must name the same top-level settings (the groups are nested)
     top = set(compose_dict())
-    # model_args: the model group's own keys besides model.name (conf/model/gpt.yaml)
-    assert top | {"model_args"} == {f.name for f in dataclasses.fields(RunConfig)}
+    # model_options: the model group's own keys besides model.name (conf/model/gpt.yaml)
+    assert top | {"model_options"} == {f.name for f in dataclasses.fields(RunConfig)}
