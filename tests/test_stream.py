@@ -17,7 +17,7 @@ from dpbp.data import DataConfig, load_dataset
 from dpbp.errors import ConfigError, Interrupted
 from dpbp.feed import Feed
 from dpbp.interrupt import StopRequest
-from dpbp.launch import data_path
+from dpbp.launch import data_path, launch
 from dpbp.stream import TensorItems
 from dpbp.train import train
 
@@ -170,3 +170,15 @@ def test_threads_share_one_stream(tmp_path):
               tmp_path)
     assert s["data_loading"] == "stream" and s["steps"] == 12
     assert math.isfinite(s["history"][-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_every_process_of_a_pipeline_streams_the_same_batches(tmp_path, tmp_path_factory):
+    """executor=dist: each module's process reads through its own DataLoader (a worker
+    process each); the run equals the in-memory run in one process."""
+    ref_dir, ref = reference(tmp_path_factory, "ddg", 2, "stash")
+    overrides = [o for o in settings("ddg", 2) if o != "executor=local"]
+    s = launch(make_cfg(*overrides, "executor=dist", "data.stream=true",
+                        "data.loader_workers=1"), tmp_path)
+    assert s["executor"] == "dist" and s["data_loading"] == "stream"
+    assert_same_run(ref_dir, ref, tmp_path, s, 2)
