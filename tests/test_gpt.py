@@ -110,3 +110,69 @@ def test_bad_sizes_are_one_sentence(kwargs, match):
 def test_a_language_model_needs_text():
     with pytest.raises(ConfigError, match="train it on data=text"):
         build_blocks("gpt", 1, 10, layers=1, dim=8, heads=2)
+
+
+class TokenFeed:
+    """NB batches of B token sequences and their next tokens."""
+
+    def __init__(self, nb: int, b: int) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.x = torch.randint(V, (nb, b, T), generator=g)
+        self.y = torch.randint(V, (nb, b, T), generator=g)
+
+    def inputs(self, n):
+        return self.x[n]
+
+    def labels(self, n):
+        return self.y[n]
+
+
+def ddg_reference(m1: nn.Module, m2: nn.Module, feed: TokenFeed, nb: int, lr: float,
+                  stale: bool = True) -> list[torch.Tensor]:
+    """DDG at K = 2 written out with explicit weight dicts: at tick t module 2 steps on batch t;
+    module 1 steps on batch t-1, through the weights that batch's forward used (stale=False:
+    the current ones, a wrong rule) and module 2's error gradient of tick t-1."""
+    call = torch.func.functional_call
+    w1 = {n: p.detach().clone() for n, p in m1.named_parameters()}
+    w2 = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    versions, delta = {}, {}
+    for t in range(nb):
+        versions[t] = {n: w.clone() for n, w in w1.items()}
+        h = call(m1, w1, (feed.x[t],)).detach().requires_grad_(True)
+        p2 = {n: w.clone().requires_grad_(True) for n, w in w2.items()}
+        loss = F.cross_entropy(call(m2, p2, (h,)), feed.y[t])
+        *g2, delta[t] = torch.autograd.grad(loss, [*p2.values(), h])
+        w2 = {n: w - lr * g for (n, w), g in zip(w2.items(), g2)}
+        if t >= 1:
+            src = versions[t - 1] if stale else w1
+            p1 = {n: w.clone().requires_grad_(True) for n, w in src.items()}
+            g1 = torch.autograd.grad(call(m1, p1, (feed.x[t - 1],)), list(p1.values()),
+                                     delta[t - 1])
+            w1 = {n: w - lr * g for (n, w), g in zip(w1.items(), g1)}
+    return [*w1.values(), *w2.values()]
+
+
+def test_ddg_on_the_transformer_matches_its_float64_reference():
+    """The delayed rule on the transformer's own blocks (token ids in, LayerNorm, attention):
+    dpbp's stages give the reference's weights; the reference with the current weights instead
+    of the stashed ones is another result (the check can fail)."""
+    from dpbp import schedule
+    from dpbp.executor import LocalExecutor
+    from dpbp.stage import Stage
+
+    nb, lr = 5, 0.5
+    torch.manual_seed(0)
+    blocks = build_blocks("gpt", num_classes=V, context=T, layers=2, dim=16, heads=2)
+    m1, m2 = nn.Sequential(*blocks[:2]).double(), nn.Sequential(*blocks[2:]).double()
+    feed = TokenFeed(nb, 3)
+    want = ddg_reference(m1, m2, feed, nb, lr)
+    wrong = ddg_reference(m1, m2, feed, nb, lr, stale=False)
+    stages = [Stage(m, k, 2, "ddg", torch.optim.SGD(m.parameters(), lr=lr))
+              for k, m in enumerate((m1, m2))]
+    end = schedule.num_ticks("ddg", 2, nb)
+    LocalExecutor(stages, feed).run([schedule.program("ddg", s, 2, range(end), nb, end)
+                                     for s in range(2)])
+    got = [p.detach() for p in (*m1.parameters(), *m2.parameters())]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert any(not torch.allclose(g, w, rtol=1e-10, atol=1e-12) for g, w in zip(got, wrong))
