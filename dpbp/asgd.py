@@ -348,7 +348,7 @@ class ThreadsRunner:
         pass
 
     def finish(self) -> None:
-        pass
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         stale = self.sgd.meter.summary()

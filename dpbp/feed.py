@@ -64,3 +64,8 @@ class Feed:
         if self.stream is not None:
             return self.stream.labels(batch)
         return self.ds.train_y[self._indices(batch)]
+
+    def close(self) -> None:
+        """Stop the streaming path's loader workers (the run is over or stopped)."""
+        if self.stream is not None:
+            self.stream.close()

@@ -145,6 +145,7 @@ class PipeliningRunner:
 
     def finish(self) -> None:
         self.link.flush()
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         return {

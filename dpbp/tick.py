@@ -177,6 +177,7 @@ class TickRunner:
 
     def finish(self) -> None:
         self.grid.finish()
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         stats = stats or []

@@ -184,3 +184,12 @@ def test_every_process_of_a_pipeline_streams_the_same_batches(tmp_path):
                tmp_path / "dist")
     assert s["executor"] == "dist" and s["data_loading"] == "stream"
     assert_same_run(tmp_path / "local", ref, tmp_path / "dist", s, 2)
+
+
+def test_a_finished_run_stops_its_loader():
+    _, streamed = feeds(workers=0)
+    streamed.inputs(0)
+    assert streamed.stream.it is not None
+    streamed.close()
+    assert streamed.stream.it is None and not streamed.stream.cache
+    assert torch.equal(streamed.inputs(1), feeds()[0].inputs(1))  # asked again: a new loader
