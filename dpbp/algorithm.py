@@ -23,6 +23,9 @@ from dpbp.errors import ConfigError
 FAMILIES = ("tick", "threads", "pipelining")
 WEIGHT_POLICIES = ("stash", "live")
 BOUNDARIES = ("gradient", "none", "synthetic")
+# what a model and its data are trained for (models.task, DataConfig.task)
+TASKS = {"classify": "image classification",
+         "lm": "language modelling (model=gpt data=text: a loss at the last module only)"}
 
 
 @dataclass
@@ -118,6 +121,9 @@ class Algorithm:
     # builds the local model of module k < K (companion.py): (algo options, output shape,
     # classes, device, make_optimizer, run's lr) -> Companion; None: the modules have none
     companion: Callable[..., Any] | None = None
+    # the tasks it applies to: one that needs image augmentation or a classifier head per
+    # module (local losses) would leave out "lm"
+    tasks: tuple[str, ...] = tuple(TASKS)
 
     RESUME: ClassVar[dict[str, str]] = {
         "exact": "bit for bit: the same weights, optimizer state and metrics as a run that was "
@@ -135,6 +141,8 @@ class Algorithm:
                                                and self.companion is None):
             raise ValueError(f"algorithm {self.name}: boundary must be one of {BOUNDARIES}; "
                              "none and synthetic need a companion")
+        if not set(self.tasks) <= set(TASKS):
+            raise ValueError(f"algorithm {self.name}: tasks must be among {tuple(TASKS)}")
 
     def delays(self, num_stages: int) -> list[int]:
         """The delay of every stage of a K-stage pipeline."""

@@ -250,7 +250,7 @@ class ThreadsRunner:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.counts = [len(self.model)]
         self.feed = Feed(self.data, cfg.trainer.batch_size, cfg.seed, self.device, ctx.rank,
-                         self.world)
+                         self.world, workers=cfg.data.loader_workers)
         self.steps = self.feed.steps
         o = cfg.optim
         self.sgd = AsyncSGD(self.model, o.lr, o.momentum, o.weight_decay,
@@ -348,7 +348,7 @@ class ThreadsRunner:
         pass
 
     def finish(self) -> None:
-        pass
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         stale = self.sgd.meter.summary()

@@ -51,11 +51,12 @@ def build_model(cfg: RunConfig, ds: Dataset) -> list[nn.Module]:
         blocks = custom.build(cfg.model, cfg.model_args, ds.in_channels, ds.num_classes)
         custom.check_runs(blocks, ds.sample_shape, cfg.model, cfg.data.name)
         return blocks
-    if len(ds.sample_shape) != 3:
+    if ds.task == "classify" and len(ds.sample_shape) != 3:
         raise ConfigError(f"model={cfg.model} takes images; data={cfg.data.name} has samples of "
                           f"shape {list(ds.sample_shape)}: train a network of your own on them "
                           "with model=custom model._target_=...")
-    return build_blocks(cfg.model, ds.in_channels, ds.num_classes)
+    return build_blocks(cfg.model, ds.in_channels, ds.num_classes, context=ds.context,
+                        **cfg.model_options)
 
 
 def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
@@ -67,15 +68,16 @@ def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
     if k > len(blocks):
         balanced_counts([1.0] * len(blocks), k)  # raises the clear error
     if cfg.split.by == "time":
-        x = torch.randn(cfg.trainer.batch_size, *ds.sample_shape, device=device)
+        x = ds.example(cfg.trainer.batch_size).to(device)
+        if x.is_floating_point():
+            x = torch.randn_like(x)
         return balanced_counts(block_times([b.to(device) for b in blocks], x), k)
-    x = torch.zeros(1, *ds.sample_shape)
-    return balanced_counts(block_flops(blocks, x), k)
+    return balanced_counts(block_flops(blocks, ds.example(1)), k)
 
 
 def output_shapes(modules: list[nn.Module], ds: Dataset) -> list[tuple[int, ...]]:
     """Per-sample output shape of each module (fixed once; the transport sizes buffers by it)."""
-    x = torch.zeros(2, *ds.sample_shape)
+    x = ds.example(2)
     shapes = []
     with torch.no_grad():
         for m in modules:

@@ -62,7 +62,9 @@ FORMAT = "dpbp-checkpoint-3"
 # settings a resumed run must share with its checkpoint, or it trains other numbers than the run it
 # continues; the rest (epochs, max_steps, logging, device, executor, dist, data.root) may change
 SAME_SETTINGS = ("seed", "model", "algo.", "data.", "optim.", "sched.", "trainer.batch_size")
-MAY_DIFFER = ("data.root", "data.download")
+# where the data comes from, not which: the streaming path gives the in-memory path's batches
+MAY_DIFFER = ("data.root", "data.download", "data.stream", "data.stream_budget_mb",
+              "data.loader_workers")
 Message = tuple[str, int, torch.Tensor]  # (kind, batch, tensor) in flight at the checkpoint
 
 

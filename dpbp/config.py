@@ -19,8 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from dpbp import algos, custom
-from dpbp.algorithm import AlgoConfig
+from dpbp import algos, custom, models
+from dpbp.algorithm import TASKS, AlgoConfig
 from dpbp.data import DataConfig
 from dpbp.errors import ConfigError
 
@@ -90,6 +90,7 @@ class RunConfig:
     resume: bool | str
     # model=custom: `model` is the builder's dotted path (model._target_), these its arguments
     model_args: dict[str, Any] | None = None
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model's own keys
 
     @property
     def modules(self) -> int:
@@ -180,10 +181,15 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     model = d.pop("model", None)
     if custom.is_custom(model):  # model=custom: {_target_: ..., its arguments}
         model, d["model_args"] = custom.split_section(model)
-    elif isinstance(model, dict):  # Hydra's model group: {name: ...}; other keys would be ignored
-        if set(model) != {"name"}:
-            raise ConfigError(f"model takes only model.name; got the keys {sorted(model)} "
-                              "(model=custom passes its keys to a network of your own).")
+    elif isinstance(model, dict):  # Hydra's model group: {name: ..., the model's own keys}
+        model = dict(model)
+        own = models.options(str(model.get("name")))
+        if "name" not in model or set(model) - {"name", *own}:
+            takes = ", ".join(f"model.{k}" for k in ("name", *own))
+            raise ConfigError(f"model={model.get('name')} takes only {takes}; got the keys "
+                              f"{sorted(model)} (model=custom passes its keys to a network of "
+                              "your own).")
+        d["model_options"] = {k: model[k] for k in own if k in model}
         model = model["name"]
     data = dict(d.pop("data", {}))
     if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check
@@ -224,6 +230,22 @@ def _check_algorithm(cfg: RunConfig) -> None:
                           f"{rec.min_workers} with executor=dist ({algos.reference().name} is "
                           "the one-device equivalent).")
     a.check(cfg)
+    _check_task(cfg)
+
+
+def _check_task(cfg: RunConfig) -> None:
+    """The model and the data serve the same task, and the algorithm applies to it (the
+    record's `tasks`: e.g. one that needs image augmentation or a classifier per module)."""
+    model_task, data_task = models.task(cfg.model), cfg.data.task()
+    if model_task != data_task:
+        raise ConfigError(f"model={cfg.model} does not fit data={cfg.data.name}: train the "
+                          "language model (model=gpt) on data=text and the image models on "
+                          "image data.")
+    rec = algos.get(cfg.algo.name)
+    if data_task not in rec.tasks:
+        can = ", ".join(n for n in algos.names() if data_task in algos.get(n).tasks)
+        raise ConfigError(f"algo={cfg.algo.name} does not apply to {TASKS[data_task]}; use one "
+                          f"of {can}.")
 
 
 def _check_trainer(cfg: RunConfig) -> None:

@@ -1,8 +1,11 @@
 """Datasets held on the training device as uint8, with batched on-device augmentation.
 
-There is no DataLoader: a whole dataset (CIFAR is 150 MB as uint8) fits on any accelerator, and
-gathering, cropping, flipping and normalizing a batch with a handful of tensor ops is much faster
-than per-sample Python transforms, which would otherwise starve pipelined model stages.
+No DataLoader for data that fits: a whole dataset (CIFAR is 150 MB as uint8) fits on any
+accelerator, and gathering, cropping, flipping and normalizing a batch with a handful of tensor
+ops is much faster than per-sample Python transforms, which would otherwise starve pipelined
+model stages. A training set larger than `data.stream_budget_mb` (or any, with
+`data.stream=true`) stays on the host as a dataset of (x, y) items and is streamed through a
+DataLoader (stream.py); its batches get the same on-device augmentation and normalization.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import torch
 
 from dpbp import user_data
 from dpbp.errors import ConfigError
+from dpbp.stream import TensorItems, wanted
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic", *user_data.NAMES)
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic", "text", *user_data.NAMES)
 AUGMENT_MODES = ("auto", "crop_flip", "crop", "none")
 
 
@@ -31,7 +35,7 @@ AUGMENT_MODES = ("auto", "crop_flip", "crop", "none")
 class DataConfig:
     """Which dataset to load and how to augment it (the `data` section of the config)."""
 
-    name: str = "digits"  # digits | cifar10 | cifar100 | synthetic
+    name: str = "digits"  # digits | cifar10 | cifar100 | synthetic | text
     root: str = "~/.cache/dpbp"  # where cifar lives / is downloaded to (expanduser)
     download: bool = True
     # auto: cifar -> crop_flip (pad 4), digits -> crop (pad 1), synthetic -> none
@@ -43,19 +47,30 @@ class DataConfig:
     train_size: int = 50000  # synthetic only
     test_size: int = 10000  # synthetic only
     # the user's data (user_data.py): imagefolder (root), arrays (path), custom (_target_)
-    path: str | None = None  # arrays: the .npz file
+    path: str | None = None  # arrays: the .npz file; text: a UTF-8 text file
     resize: int | list[int] | None = None  # images of mixed sizes: [H, W] (or S) for all
     holdout: float = 0.2  # no test split given: this fraction of the training set, by split_seed
     mean: list[float] | None = None  # normalisation; null: from the training set
     std: list[float] | None = None
     _target_: str | None = None  # custom: a torchvision-style dataset class
     args: dict[str, Any] | None = None  # custom: more keyword arguments for it
+    context: int = 64  # text only: tokens per sample (the transformer's context length)
+    test_fraction: float = 0.1  # text only: the held-out tail of the text
+    # training set through a DataLoader: auto (when larger than stream_budget_mb) | true | false
+    stream: str | bool = "auto"
+    stream_budget_mb: float = 4096.0
+    loader_workers: int = 2  # DataLoader worker processes of the streaming path
+
+    def task(self) -> str:
+        """What the data is for: "lm" (next-token prediction, data=text) or "classify"."""
+        return "lm" if self.name == "text" else "classify"
 
     def applicable(self) -> dict[str, Any]:
         """The keys that apply to this dataset (a run's summary shows only these)."""
         own = {"digits": {"split_seed"}, "cifar10": {"root", "download"},
                "cifar100": {"root", "download"},
                "synthetic": {"shape", "num_classes", "train_size", "test_size"},
+               "text": {"path", "context", "test_fraction"},
                **{n: user_data.keys(n) for n in user_data.NAMES}}
         specific = set().union(*own.values())
         keep = own.get(self.name, specific)
@@ -68,33 +83,68 @@ class DataConfig:
 
 @dataclass
 class Dataset:
-    """A train/test split resident on one device, plus what is needed to augment/normalize it."""
+    """A train/test split resident on one device, plus what is needed to augment/normalize it.
+
+    Streamed (`train_items` set): the training set is a dataset of (x, y) items on the host,
+    read through a DataLoader, and the tensors here stay on the host; `device` is where the
+    batches go.
+    """
 
     name: str
-    train_x: torch.Tensor  # uint8 (N, C, H, W) on device (user data: also float32 (N, ...))
-    train_y: torch.Tensor  # int64 (N,) on device
+    # uint8 (N, C, H, W) on device; user data: also float32 (N, D); text: int64 token ids (N, T)
+    train_x: torch.Tensor
+    train_y: torch.Tensor  # int64 (N,) on device; text: the next tokens (N, T)
     test_x: torch.Tensor  # uint8
     test_y: torch.Tensor
-    mean: torch.Tensor  # float32 (C,) in [0,1] units, on device
-    std: torch.Tensor
-    num_classes: int
+    mean: torch.Tensor | None  # float32 (C,) in [0,1] units, on device; None: no normalization
+    std: torch.Tensor | None
+    num_classes: int  # text: the vocabulary size
     pad: int  # crop padding (0 = no crop)
     flip: bool  # random horizontal flip
+    task: str = "classify"  # classify | lm (next-token prediction: perplexity is reported)
+    train_items: Any = None  # streamed: the training set as a dataset of (x, y) items
+    device: torch.device | None = None  # streamed: where batches go (the data stays on the host)
+    vocab: str | None = None  # text: the characters of the vocabulary, in token order
+
+    @property
+    def streamed(self) -> bool:
+        """Whether training batches come through a DataLoader (stream.py)."""
+        return self.train_items is not None
+
+    @property
+    def num_train(self) -> int:
+        """Number of training samples."""
+        return len(self.train_items) if self.streamed else int(self.train_x.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one stored input: (C, H, W) for images, (D,) for features, (T,) for
+        text."""
+        return tuple(self.train_x.shape[1:])
 
     @property
     def in_channels(self) -> int:
         """Number of image channels (C)."""
-        return int(self.train_x.shape[1])
+        return int(self.sample_shape[0])
 
     @property
     def image_size(self) -> int:
         """Side length of the (square) images."""
-        return int(self.train_x.shape[-1])
+        return int(self.sample_shape[-1])
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one input: (C, H, W) for images, (D,) for features."""
-        return tuple(self.train_x.shape[1:])
+    def context(self) -> int | None:
+        """Tokens per sample of a language-model dataset (None for images)."""
+        return int(self.sample_shape[0]) if self.task == "lm" else None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored inputs -> model inputs: images normalized to float32; token ids as they are."""
+        return x if self.mean is None else normalize(x, self.mean, self.std)
+
+    def example(self, n: int) -> torch.Tensor:
+        """n zero inputs as the model sees them, on the host (for shapes, flops, profiles)."""
+        x = torch.zeros((n, *self.sample_shape), dtype=self.train_x.dtype)
+        return x if self.mean is None else normalize(x, self.mean.cpu(), self.std.cpu())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,9 +241,16 @@ def train_batch(
     indices = indices.to(ds.train_x.device)
     x = ds.train_x[indices]
     y = ds.train_y[indices]
+    return transform(ds, x, generator), y
+
+
+def transform(ds: Dataset, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A batch of stored inputs on the training device -> model inputs: augmented (if a
+    generator is given and the dataset augments), then normalized. The in-memory and the
+    streaming path both end here, so they give the same batches."""
     if generator is not None and (ds.pad > 0 or ds.flip):
         x = augment(x, ds.pad, ds.flip, generator)
-    return normalize(x, ds.mean, ds.std), y
+    return ds.prepare(x)
 
 
 def test_batches(ds: Dataset, batch_size: int,
@@ -206,9 +263,10 @@ def test_batches(ds: Dataset, batch_size: int,
     if batch_size <= 0:
         raise ConfigError(f"the evaluation batch size must be positive, got {batch_size}.")
     xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
+    to = ds.device or xs.device  # streamed: the data stays on the host, batches move
     for start in range(0, xs.shape[0], batch_size):
-        x = xs[start : start + batch_size]
-        yield normalize(x, ds.mean, ds.std), ys[start : start + batch_size]
+        x = xs[start : start + batch_size].to(to, non_blocking=True)
+        yield ds.prepare(x), ys[start : start + batch_size].to(to, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +491,8 @@ def _synthetic_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _synthetic(cfg: DataConfig, device: torch.device, seed: int) -> Dataset:
-    """Random uint8 images and labels of the configured shape, drawn from `seed`."""
+def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    """Random uint8 images and labels of the configured shape, drawn from `seed` (on the host)."""
     c, h, w = _synthetic_shape(cfg.shape)
     num_classes = _check_int(cfg.num_classes, "data.num_classes", 1)
     n_train = _check_int(cfg.train_size, "data.train_size", 1)
@@ -446,15 +504,14 @@ def _synthetic(cfg: DataConfig, device: torch.device, seed: int) -> Dataset:
     ty = torch.randint(0, num_classes, (n_train,), generator=gen, dtype=torch.int64)
     vx = torch.randint(0, 256, (n_test, c, h, w), generator=gen, dtype=torch.uint8)
     vy = torch.randint(0, num_classes, (n_test,), generator=gen, dtype=torch.int64)
-    return Dataset(name=cfg.name, train_x=tx.to(device), train_y=ty.to(device),
-                   test_x=vx.to(device), test_y=vy.to(device),
-                   mean=torch.full((c,), 0.5, dtype=torch.float32, device=device),
-                   std=torch.full((c,), 0.25, dtype=torch.float32, device=device),
+    return Dataset(name=cfg.name, train_x=tx, train_y=ty, test_x=vx, test_y=vy,
+                   mean=torch.full((c,), 0.5, dtype=torch.float32),
+                   std=torch.full((c,), 0.25, dtype=torch.float32),
                    num_classes=num_classes, pad=pad, flip=flip)
 
 
-def _user(cfg: DataConfig, device: torch.device) -> Dataset:
-    """The user's images, arrays or dataset class (user_data.py), on `device`."""
+def _user(cfg: DataConfig) -> Dataset:
+    """The user's images, arrays or dataset class (user_data.py), on the host."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_mix_seed("holdout", cfg.split_seed))
     d = user_data.decode(cfg, gen)
@@ -465,14 +522,50 @@ def _user(cfg: DataConfig, device: torch.device) -> Dataset:
                           f"have shape {list(d.train_x.shape[1:])}: use data.augment=none.")
     else:
         pad, flip = 0, False
-    return Dataset(name=cfg.name, train_x=d.train_x.to(device), train_y=d.train_y.to(device),
-                   test_x=d.test_x.to(device), test_y=d.test_y.to(device),
-                   mean=d.mean.to(device), std=d.std.to(device), num_classes=d.num_classes,
+    return Dataset(name=cfg.name, train_x=d.train_x, train_y=d.train_y, test_x=d.test_x,
+                   test_y=d.test_y, mean=d.mean, std=d.std, num_classes=d.num_classes,
                    pad=pad, flip=flip)
 
 
+def _text(cfg: DataConfig) -> Dataset:
+    """Character-level language modelling on a text file (text.py): token windows, no
+    normalization or augmentation."""
+    from dpbp.text import load_text  # lazy: only data=text reads a text file
+
+    if cfg.augment not in ("auto", "none"):
+        raise ConfigError(f"data=text has no images to augment: drop data.augment={cfg.augment} "
+                          "(or set it to none).")
+    t = load_text(cfg.path, cfg.context, cfg.test_fraction)
+    return Dataset(name=cfg.name, train_x=t.train_x, train_y=t.train_y, test_x=t.test_x,
+                   test_y=t.test_y, mean=None, std=None, num_classes=len(t.vocab), pad=0,
+                   flip=False, task="lm", vocab=t.vocab)
+
+
+def streams(cfg: DataConfig, nbytes: int) -> bool:
+    """Whether a training set of `nbytes` goes through the DataLoader (stream.wanted)."""
+    return wanted(cfg.stream, cfg.stream_budget_mb, cfg.loader_workers, nbytes)
+
+
+def _place(ds: Dataset, cfg: DataConfig, device: torch.device) -> Dataset:
+    """Move a host dataset to `device`, or, when it is streamed, keep it on the host (pinned
+    for CUDA copies) as a dataset of (x, y) items."""
+    if streams(cfg, ds.train_x.nbytes + ds.train_y.nbytes):
+        pin = device.type == "cuda"
+        train_x, train_y = (ds.train_x.pin_memory(), ds.train_y.pin_memory()) if pin else \
+            (ds.train_x, ds.train_y)
+        ds.train_x, ds.train_y = train_x, train_y
+        ds.train_items, ds.device = TensorItems(train_x, train_y), device
+    else:
+        ds.train_x, ds.train_y = ds.train_x.to(device), ds.train_y.to(device)
+        ds.test_x, ds.test_y = ds.test_x.to(device), ds.test_y.to(device)
+    if ds.mean is not None:
+        ds.mean, ds.std = ds.mean.to(device), ds.std.to(device)
+    return ds
+
+
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int = 0) -> Dataset:
-    """Load (or generate) the dataset named by cfg onto `device` as uint8 tensors.
+    """Load (or generate) the dataset named by cfg onto `device` as uint8 tensors (token ids
+    for text), or keep it on the host for the streaming path (data.stream).
 
     `seed` only matters for the synthetic dataset; the digits split uses cfg.split_seed.
     Raises ConfigError for unknown names/options and for missing, undownloadable or corrupt data.
@@ -482,10 +575,13 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int 
             f"unknown dataset data.name={cfg.name!r}: use one of {', '.join(DATASET_NAMES)}."
         )
     device = torch.device(device)
+    streams(cfg, 0)  # bad stream settings fail before any data is read
     if cfg.name == "synthetic":
-        return _synthetic(cfg, device, seed)
+        return _place(_synthetic(cfg, seed), cfg, device)
+    if cfg.name == "text":
+        return _place(_text(cfg), cfg, device)
     if cfg.name in user_data.NAMES:
-        return _user(cfg, device)
+        return _place(_user(cfg), cfg, device)
     if cfg.name == "digits":
         pad, flip = _resolve_augment(cfg, 8)
         train_x, train_y, test_x, test_y = _load_digits(cfg)
@@ -502,15 +598,16 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", seed: int 
         mean = torch.tensor(spec["mean"], dtype=torch.float32)
         std = torch.tensor(spec["std"], dtype=torch.float32)
 
-    return Dataset(
+    ds = Dataset(
         name=cfg.name,
-        train_x=torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
-        train_y=torch.from_numpy(np.ascontiguousarray(train_y)).to(device),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)).to(device),
-        test_y=torch.from_numpy(np.ascontiguousarray(test_y)).to(device),
-        mean=mean.to(device),
-        std=std.to(device),
+        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
+        train_y=torch.from_numpy(np.ascontiguousarray(train_y)),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(np.ascontiguousarray(test_y)),
+        mean=mean,
+        std=std,
         num_classes=num_classes,
         pad=pad,
         flip=flip,
     )
+    return _place(ds, cfg, device)

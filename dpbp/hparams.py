@@ -57,11 +57,15 @@ METRICS = (
     ("summary/train_seconds", "train seconds"),
     ("loss/test", "final test loss"),
 )
+# a language model (data=text) logs perplexity where a classifier logs accuracy
+PERPLEXITY = {"accuracy/test": ("perplexity/test", "final test perplexity"),
+              "summary/best_test_acc": ("summary/best_test_perplexity", "best test perplexity")}
 # summary.json key -> the summary/* tag that carries it
 SUMMARY_SCALARS = {"best_test_acc": "summary/best_test_acc",
                    "images_per_second": "summary/images_per_second",
                    "seconds_to_final_minus_1pt": "summary/seconds_to_final_minus_1pt",
-                   "train_seconds": "summary/train_seconds"}
+                   "train_seconds": "summary/train_seconds",
+                   "best_test_perplexity": "summary/best_test_perplexity"}
 
 
 def _kind(tp: Any) -> str:
@@ -110,7 +114,14 @@ def _plugin_summary(tag: str, data: HParamsPluginData) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
-def experiment() -> Summary:
+def metrics(summary: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The metrics of a run: METRICS, with perplexity for accuracy for a language model."""
+    if summary.get("final_test_perplexity") is None:
+        return METRICS
+    return tuple(PERPLEXITY.get(tag, (tag, title)) for tag, title in METRICS)
+
+
+def experiment(columns: tuple[tuple[str, str], ...] = METRICS) -> Summary:
     """The table's columns: every setting any dpbp run logs, and the metrics."""
     types = {"bool": "DATA_TYPE_BOOL", "number": "DATA_TYPE_FLOAT64",
              "string": "DATA_TYPE_STRING"}
@@ -122,7 +133,7 @@ def experiment() -> Summary:
             info.domain_discrete.extend(algos.names())
         infos.append(info)
     metrics = [MetricInfo(name=MetricName(tag=tag), display_name=title)
-               for tag, title in METRICS]
+               for tag, title in columns]
     return _plugin_summary(metadata.EXPERIMENT_TAG, HParamsPluginData(
         experiment=Experiment(hparam_infos=infos, metric_infos=metrics)))
 
@@ -152,5 +163,5 @@ def write(writer, summary: dict[str, Any], step: int, walltime: float | None) ->
             writer.add_scalar(tag, summary[key], global_step=step, walltime=walltime)
     files = writer.file_writer
     start, end = session(run_values(summary))
-    for s in (experiment(), start, end):
+    for s in (experiment(metrics(summary)), start, end):
         files.add_summary(s, global_step=step, walltime=walltime)

@@ -99,6 +99,7 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         labels = (describe_blocks(cfg.model, blocks) if cfg.model_args is None
                   else custom.describe(blocks))
         print_split(cfg, blocks, counts, labels, aux_parameters(cfg, blocks, counts, ds))
+        Console(stderr=True, highlight=False, soft_wrap=True).print(data_path(cfg, ds))
     return counts
 
 
@@ -117,6 +118,16 @@ def aux_parameters(cfg: RunConfig, blocks, counts: list[int], ds) -> list[int] |
 
     return [0 if k == len(shapes) - 1 else seeded(cfg.seed, k, lambda s=shape: count(s))
             for k, shape in enumerate(shapes)]
+
+
+def data_path(cfg: RunConfig, ds) -> str:
+    """The run header's line on where training batches come from (the summary's
+    `data_loading`)."""
+    mib = (ds.train_x.nbytes + ds.train_y.nbytes) / 2**20
+    where = (f"streamed through a DataLoader with {cfg.data.loader_workers} worker(s)"
+             if ds.streamed else "held on the device")
+    return (f"data={cfg.data.name}: {ds.num_train} training samples ({mib:.1f} MiB, "
+            f"data.stream={cfg.data.stream}, budget {cfg.data.stream_budget_mb:g} MiB), {where}")
 
 
 def check_same_split(run: dict[str, Any], counts: list[int]) -> None:

@@ -11,8 +11,9 @@ After step 0, train/* points are averages over each epoch's batches.
 
 Tags are grouped so that what a user compares comes first (TensorBoard sorts groups by name):
 `accuracy/{test,train}`, `loss/{test,train}`, then `lr`, `moduleK/*`, `summary/*` (the run's
-totals, for the HParams tab: hparams.py), `throughput/*`, `time/*`. Console lines also go to
-the run directory's train.log, uncoloured and never wrapped.
+totals, for the HParams tab: hparams.py), `throughput/*`, `time/*`. A language model (data=text)
+logs `perplexity/{test,train}` (exp of the mean token loss) instead of `accuracy/*`. Console
+lines also go to the run directory's train.log, uncoloured and never wrapped.
 """
 
 from __future__ import annotations
@@ -81,27 +82,32 @@ class RunLogger:
         """Log the evaluation at step 0 (the untrained model, on the training and the test set:
         {train,test}_{loss,acc}) at the start of the time axis."""
         w, wall = self.writer, self.start_time
+        metric, key = _metric(initial.get("test_perplexity"))
         for split in ("train", "test"):
             w.add_scalar(f"loss/{split}", initial[f"{split}_loss"], global_step=0, walltime=wall)
-            w.add_scalar(f"accuracy/{split}", initial[f"{split}_acc"], global_step=0,
+            w.add_scalar(f"{metric}/{split}", initial[f"{split}_{key}"], global_step=0,
                          walltime=wall)
         w.add_scalar("time/train_seconds", 0.0, global_step=0, walltime=wall)
-        self.echo(f"epoch {0:3d}  train loss {initial['train_loss']:.4f} acc "
-                  f"{initial['train_acc']:.4f}  test loss {initial['test_loss']:.4f} acc "
-                  f"{initial['test_acc']:.4f}  (untrained)")
+        short = _SHORT[metric]
+        self.echo(f"epoch {0:3d}  train loss {initial['train_loss']:.4f} {short} "
+                  f"{initial[f'train_{key}']:.4f}  test loss {initial['test_loss']:.4f} {short} "
+                  f"{initial[f'test_{key}']:.4f}  (untrained)")
 
     def epoch(self, e, seconds: float) -> None:
         """Log one epoch's numbers (an EpochLog) to TensorBoard, the console and train.log."""
         step = e.epoch * self.steps
         wall = self.wall = self.start_time + e.train_seconds
         w = self.writer
-        for tag, v in (("loss/train", e.train_loss), ("accuracy/train", e.train_acc),
-                       ("loss/test", e.test_loss), ("accuracy/test", e.test_acc), ("lr", e.lr),
+        metric, key = _metric(e.test_perplexity)
+        train_m, test_m = getattr(e, f"train_{key}"), getattr(e, f"test_{key}")
+        for tag, v in (("loss/train", e.train_loss), (f"{metric}/train", train_m),
+                       ("loss/test", e.test_loss), (f"{metric}/test", test_m), ("lr", e.lr),
                        ("time/train_seconds", e.train_seconds),
                        ("throughput/images_per_second", e.images / max(seconds, 1e-9))):
             w.add_scalar(tag, v, global_step=step, walltime=wall)
-        self.echo(f"epoch {e.epoch:3d}  train loss {e.train_loss:.4f} acc {e.train_acc:.4f}  "
-                  f"test loss {e.test_loss:.4f} acc {e.test_acc:.4f}  lr {e.lr:.4g}  "
+        short = _SHORT[metric]
+        self.echo(f"epoch {e.epoch:3d}  train loss {e.train_loss:.4f} {short} {train_m:.4f}  "
+                  f"test loss {e.test_loss:.4f} {short} {test_m:.4f}  lr {e.lr:.4g}  "
                   f"{e.images / max(seconds, 1e-9):.0f} img/s")
         if self.bar is not None:
             self.bar.update(self.task, epoch=min(e.epoch + 1, self.epochs))
@@ -131,6 +137,15 @@ class RunLogger:
         """The run's HParams row and totals (hparams.py), at its last step; close the files."""
         hparams.write(self.writer, summary, self.steps * summary["epochs"], self.wall)
         self.writer.close()
+
+
+_SHORT = {"accuracy": "acc", "perplexity": "ppl"}
+
+
+def _metric(perplexity: float | None) -> tuple[str, str]:
+    """(tag group, key suffix) of the quality metric: perplexity for a language model (its
+    value is not None), else accuracy."""
+    return ("accuracy", "acc") if perplexity is None else ("perplexity", "perplexity")
 
 
 def echo(run_dir: Path | None, *objects: Any, console: Console | None = None) -> None:
@@ -171,6 +186,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("epochs", str(summary["epochs"])),
         ("final / best test acc", f"{summary['final_test_acc']:.4f} / "
                                   f"{summary['best_test_acc']:.4f}"),
+        *([("final / best test perplexity", f"{summary['final_test_perplexity']:.4f} / "
+                                            f"{summary['best_test_perplexity']:.4f}")]
+          if summary.get("final_test_perplexity") is not None else []),
+        ("training data", summary.get("data_loading", "device")),
         ("final test loss", f"{summary['final_test_loss']:.4f}"),
         ("train seconds", f"{summary['train_seconds']:.1f}"),
         ("seconds to final acc - 1 point", _seconds(summary.get("seconds_to_final_minus_1pt"))),

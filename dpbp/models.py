@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpbp import gpt
 from dpbp.errors import ConfigError
 
 _NAMED_MODELS = [
@@ -38,15 +39,29 @@ _NAMED_MODELS = [
     "wrn28_10",
     "resnet18",
     "mlp",
+    "gpt",
 ]
+# models of next-token prediction (data=text); every other model classifies images
+_LANGUAGE_MODELS = ("gpt",)
 
 _RESNET_RE = re.compile(r"resnet(\d+)")
 
 
 def model_names() -> list[str]:
     """Named models with a config file: resnet20, resnet32, resnet44, resnet56, resnet110,
-    resnet164, resnet1202, wrn28_10, resnet18, mlp (a small BatchNorm-free net for tests)."""
+    resnet164, resnet1202, wrn28_10, resnet18, mlp (a small BatchNorm-free net for tests), gpt
+    (a small transformer for data=text)."""
     return list(_NAMED_MODELS)
+
+
+def task(name: str) -> str:
+    """What model `name` is trained for: "lm" (next-token prediction) or "classify"."""
+    return "lm" if name in _LANGUAGE_MODELS else "classify"
+
+
+def options(name: str) -> tuple[str, ...]:
+    """The model's own keys besides model.name (their values live in conf/model/<name>.yaml)."""
+    return gpt.OPTIONS if name in _LANGUAGE_MODELS else ()
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -186,14 +201,21 @@ def _stages(
     return blocks
 
 
-def build_blocks(name: str, in_channels: int = 3, num_classes: int = 10) -> list[nn.Module]:
+def build_blocks(name: str, in_channels: int = 3, num_classes: int = 10,
+                 context: int | None = None, **opts: int) -> list[nn.Module]:
     """Build model ``name`` as an ordered list of blocks [stem, residual blocks..., head].
 
     ``nn.Sequential(*blocks)`` is the whole network, mapping (N, in_channels, H, W) images to
     (N, num_classes) logits for any H, W >= 1. Names: see :func:`model_names`; any
     ``resnet{6n+2}`` also works. Raises :class:`ConfigError` for an unknown name, a ResNet depth
-    that is not 6n+2, or a non-positive ``in_channels``/``num_classes``.
+    that is not 6n+2, or a non-positive ``in_channels``/``num_classes``. A language model
+    (``gpt``) takes ``num_classes`` as its vocabulary, ``context`` tokens per sample and its own
+    ``opts`` (gpt.OPTIONS).
     """
+    if name in _LANGUAGE_MODELS:
+        if context is None:
+            raise ConfigError(f"model={name} is a language model: train it on data=text.")
+        return gpt.build_blocks(num_classes, context, **opts)
     family, counts = _layout(name)
     for arg, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -236,6 +258,8 @@ def describe_blocks(name: str, blocks: list[nn.Module]) -> list[str]:
 
     Raises :class:`ConfigError` if ``blocks`` does not have the length that ``name`` implies.
     """
+    if name in _LANGUAGE_MODELS:
+        return gpt.labels(len(blocks) - 2)
     _, counts = _layout(name)
     labels = ["stem"]
     for stage, count in enumerate(counts, start=1):

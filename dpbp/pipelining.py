@@ -54,7 +54,8 @@ class PipeliningRunner:
                                self.optimizer)
         self.first, self.reports = self.k == 0, self.k == self.k_total - 1
         self.data = split.data
-        self.feed = Feed(split.data, t.batch_size, cfg.seed, self.device)
+        self.feed = Feed(split.data, t.batch_size, cfg.seed, self.device,
+                         workers=cfg.data.loader_workers)
         self.steps = self.feed.steps
         self.control_group = dist.new_group(backend="gloo")
         if self.device.type == "cuda":
@@ -144,6 +145,7 @@ class PipeliningRunner:
 
     def finish(self) -> None:
         self.link.flush()
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         return {

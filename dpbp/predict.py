@@ -84,7 +84,7 @@ def split_costs(cfg: dict[str, Any], blocks: list[Any], ds: Any, profile: Any = 
     flop than the late ones, so a flops split leaves module 1 the bottleneck)."""
     if cfg.get("split", "flops") == "time":
         return [f + b + s for f, b, s in zip(profile.forward, profile.backward, profile.step)]
-    return block_flops([b.cpu() for b in blocks], torch.zeros(1, *ds.sample_shape))
+    return block_flops([b.cpu() for b in blocks], ds.example(1))
 
 
 def split_counts(cfg: dict[str, Any], modules: list[int]) -> dict[int, list[int]]:

@@ -205,6 +205,9 @@ def row(g: Group, base: Baseline | None) -> dict[str, Any]:
                                     first.get("config", {}).get("algo", {}).get("beta")),
         "aux_parameters": first.get("aux_parameters"),
         "aux_flops": first.get("aux_flops"),
+        # language models (data=text): exp of the mean test token loss, mean over seeds
+        "final_perplexity": (_mean_std(g.per_seed(lambda r: r["final_test_perplexity"]))
+                             if first.get("final_test_perplexity") is not None else None),
     }
 
 
@@ -316,6 +319,10 @@ def _num(x: float | None, fmt: str, none: str = "–") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _perplexity(value: tuple[float, float] | None) -> str:
+    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+
+
 def _to_target(r: dict[str, Any]) -> str:
     if r["_base"] is None:
         return "–"
@@ -330,8 +337,8 @@ def markdown(rows: list[dict[str, Any]], lines_after: list[str]) -> str:
     head = ("| data | model | device | algo | K | settings | epochs | seeds | final test acc % "
             "| best test acc % | final − BP (points) | images/s (median) | speedup × "
             "| train s (median) | s to BP final − 1 pt | speedup to BP final − 1 pt × "
-            "| peak memory per module (MiB) | paper test acc % |")
-    lines = [head, "|" + "---|" * 18]
+            "| peak memory per module (MiB) | paper test acc % | final test perplexity |")
+    lines = [head, "|" + "---|" * 19]
     for r in rows:
         gap = _num(None if r["gap_to_bp"] is None else 100 * r["gap_to_bp"], "+.2f")
         mem = " / ".join("–" if m is None else f"{m:.1f}" for m in r["peak_memory_mib"])
@@ -342,7 +349,7 @@ def markdown(rows: list[dict[str, Any]], lines_after: list[str]) -> str:
             f"| {100 * r['best_acc'][0]:.2f} ± {100 * r['best_acc'][1]:.2f} | {gap} "
             f"| {r['images_per_second']:.0f} | {_num(r['speedup'], '.2f')} "
             f"| {r['train_seconds']:.1f} | {_to_target(r)} | {_num(r['time_speedup'], '.2f')} "
-            f"| {mem} | {_num(r['paper_acc'], '.2f')} |")
+            f"| {mem} | {_num(r['paper_acc'], '.2f')} | {_perplexity(r['final_perplexity'])} |")
     notes_text = "".join(f"\n{line}\n" for line in lines_after)
     return "\n".join(lines) + "\n" + notes_text
 
@@ -350,7 +357,8 @@ def markdown(rows: list[dict[str, Any]], lines_after: list[str]) -> str:
 CSV_COLUMNS = ["data", "model", "device", "algo", "modules", "replicas", "epochs", "seeds",
                "settings", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
                "gap_to_bp", "images_per_second", "speedup", "train_seconds",
-               "seconds_to_target", "time_speedup", "peak_memory_mib", "paper_acc"]
+               "seconds_to_target", "time_speedup", "peak_memory_mib", "paper_acc",
+               "final_perplexity_mean"]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -360,7 +368,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w.writerow(CSV_COLUMNS)
         for r in rows:
             flat = {**r, "final_acc_mean": r["final_acc"][0], "final_acc_std": r["final_acc"][1],
-                    "best_acc_mean": r["best_acc"][0], "best_acc_std": r["best_acc"][1]}
+                    "best_acc_mean": r["best_acc"][0], "best_acc_std": r["best_acc"][1],
+                    "final_perplexity_mean": (None if r["final_perplexity"] is None
+                                              else r["final_perplexity"][0])}
             w.writerow([flat[c] for c in CSV_COLUMNS])
 
 

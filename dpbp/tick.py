@@ -48,7 +48,7 @@ class TickRunner:
         # replica 0's last stage reports for the run (the replicas hold the same weights)
         self.reports = self.stages[-1].last and self.replica == 0
         self.feed = Feed(split.data, cfg.trainer.batch_size, cfg.seed, self.device,
-                         self.replica, cfg.algo.replicas)
+                         self.replica, cfg.algo.replicas, workers=cfg.data.loader_workers)
         self.data = split.data
         self.steps = self.feed.steps
         self.control_group = self.grid.control_group
@@ -194,6 +194,7 @@ class TickRunner:
 
     def finish(self) -> None:
         self.grid.finish()
+        self.feed.close()
 
     def summary(self, stats: list[dict[str, Any]] | None) -> dict[str, Any]:
         stats = stats or []

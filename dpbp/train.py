@@ -34,6 +34,7 @@ from dpbp import algos, checkpoint, time_to_acc
 from dpbp.allocator import keep_freed_memory
 from dpbp.build import WorkerContext
 from dpbp.config import RunConfig
+from dpbp.data import Dataset
 from dpbp.errors import Interrupted
 from dpbp.interrupt import STOP_FILE, Agreement, StopRequest
 from dpbp.lifecycle import Phase
@@ -51,6 +52,17 @@ class EpochLog:
     lr: float
     train_seconds: float
     images: int
+    # language models (data=text): exp of the mean token loss; None for classification
+    train_perplexity: float | None = None
+    test_perplexity: float | None = None
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss): the language model's perplexity (inf past float range)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
 
 
 @dataclass
@@ -67,6 +79,7 @@ class RunState:
     best_test_acc: float = 0.0
     wall_start: float = 0.0  # time.time() when the run first started: origin of the time axis
     initial: dict[str, float] | None = None  # the evaluation at step 0: {train,test}_{loss,acc}
+    best_test_perplexity: float | None = None  # language models: the lowest test perplexity
 
 
 class Runner(Protocol):
@@ -74,6 +87,7 @@ class Runner(Protocol):
 
     steps: int  # batches per epoch
     reports: bool  # this process logs and writes the summary
+    data: Dataset  # its task (classify | lm) and whether it is streamed
     control_group: Any  # a gloo group over every process (None: one process)
 
     def end(self, num_batches: int) -> int: ...  # the position after the last one
@@ -193,6 +207,9 @@ class _Loop:
         if self.runner.reports:
             self.state.initial = {"train_loss": train_loss, "train_acc": train_acc,
                                   "test_loss": test_loss, "test_acc": test_acc}
+            if self.runner.data.task == "lm":
+                self.state.initial |= {"train_perplexity": perplexity(train_loss),
+                                       "test_perplexity": perplexity(test_loss)}
             if self.log is not None:
                 self.log.start(self.state.initial)
 
@@ -269,6 +286,11 @@ class _Loop:
             state.best_test_acc = max(state.best_test_acc, test_acc)
             entry = EpochLog(epoch + 1, train_loss, train_acc, test_loss, test_acc, lr,
                              state.train_seconds, images)
+            if runner.data.task == "lm":
+                entry.train_perplexity = perplexity(train_loss)
+                entry.test_perplexity = perplexity(test_loss)
+                state.best_test_perplexity = min(state.best_test_perplexity or math.inf,
+                                                 entry.test_perplexity)
             state.history.append(entry.__dict__)
             if self.log is not None:
                 self.log.epoch(entry, seconds)
@@ -313,6 +335,10 @@ def finish_run(cfg: RunConfig, run_dir: Path, log, state: RunState, ctx: WorkerC
         "best_test_acc": state.best_test_acc,
         "final_test_loss": final["test_loss"],
         "final_train_loss": final["train_loss"],
+        "final_test_perplexity": final.get("test_perplexity"),  # language models only
+        "best_test_perplexity": state.best_test_perplexity,
+        # where training batches came from: held on the device, or a DataLoader (stream.py)
+        "data_loading": "stream" if runner.data.streamed else "device",
         "train_seconds": state.train_seconds,
         "images_per_second": state.images / max(state.train_seconds, 1e-9),
         "initial_test_acc": None if state.initial is None else state.initial["test_acc"],

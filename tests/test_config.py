@@ -64,7 +64,9 @@ def test_every_option_of_every_group_composes_and_validates(group):
     assert options, f"no YAML files in conf/{group}"
     for option in options:
         # dp_fdg's 2 replicas need at least 2 workers; gpipe one process per stage
-        workers = {"dp_fdg": ["gpus=4"], "gpipe": ["gpus=2"]}.get(option, [])
+        # and the language model and text go together
+        workers = {"dp_fdg": ["gpus=4"], "gpipe": ["gpus=2"], "gpt": ["data=text"],
+                   "text": ["model=gpt"]}.get(option, [])
         if (group, option) == ("model", "custom"):  # the user names the builder
             workers = ["model._target_=torch.nn.Sequential"]
         d = compose_dict(f"{group}={option}", *workers)
@@ -219,5 +221,7 @@ def test_replicas_belong_to_dp_fdg_and_to_processes():
 def test_run_config_fields_match_the_primary_yaml():
     # train.yaml and RunConfig must name the same top-level settings (the groups are nested)
     top = set(compose_dict())
-    # model_args: what a model=custom section holds besides its _target_ (no key of its own)
-    assert top == {f.name for f in dataclasses.fields(RunConfig)} - {"model_args"}
+    # model_args: what a model=custom section holds besides its _target_ (no key of its own);
+    # model_options: the model group's own keys besides model.name (conf/model/gpt.yaml)
+    assert top | {"model_options"} == {f.name for f in dataclasses.fields(RunConfig)} - {
+        "model_args"}

@@ -74,6 +74,7 @@ def test_model_names() -> None:
         "wrn28_10",
         "resnet18",
         "mlp",
+        "gpt",
     ]
     names.append("mutated")  # callers get a copy
     assert "mutated" not in model_names()

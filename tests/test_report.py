@@ -158,4 +158,4 @@ def test_paper_numbers_sit_next_to_cifar_runs(tmp_path, capsys):
     (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
     assert main(["report", str(tmp_path)]) == 0
     row = line_of(capsys.readouterr().out.splitlines(), "| ddg |")
-    assert row.endswith("| 1.0 / 1.5 / – | 93.50 |")
+    assert row.endswith("| 1.0 / 1.5 / – | 93.50 | – |")  # no perplexity: a classifier

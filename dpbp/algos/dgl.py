@@ -38,5 +38,6 @@ ALGORITHM = Algorithm(
     pipelined=True,
     boundary="none",
     companion=aux.build,
+    tasks=("classify",),  # the auxiliary head classifies images; text has no per-module head
     layout=layout,
 )

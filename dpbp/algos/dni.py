@@ -41,5 +41,6 @@ ALGORITHM = Algorithm(
     options=SyntheticConfig,
     boundary="synthetic",
     companion=synthetic.build,
+    tasks=("classify",),  # the predictor is a conv net over image activations
     layout=layout,
 )
