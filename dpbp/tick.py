@@ -70,7 +70,8 @@ class TickRunner:
         return Stage(m, k, self.k, cfg.algo.name, make_optimizer(cfg, m),
                      weights=cfg.algo.weight_policy(), beta=cfg.algo.shrink(),
                      autocast=autocast, grad_sync=self.grid.grad_sync,
-                     on_nonfinite=cfg.trainer.on_nonfinite)
+                     on_nonfinite=cfg.trainer.on_nonfinite,
+                     accumulate=cfg.algo.accumulation(), predict=cfg.algo.predicts_weights())
 
     # -- the run loop's calls, in the order it makes them -----------------------------------
 
