@@ -10,7 +10,8 @@ d = g + wd * w; v = d (first step) or mu * v + d; w = w - lr * v.
   and updates after batch j when (j + 1) % M == 0.
 - Weight prediction (SpecTrain): the forward of batch b on module 1 runs on
   w - lr * tau * v, tau = b // M - (b - in_flight) // M updates ahead (M = 1: the batches in
-  flight), and its gradient is taken at exactly those weights.
+  flight), and its gradient is taken at exactly those weights; for Features Replay the forward
+  sent up runs on them and the replay on the current weights.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def reference(algo, m=1, predict=False, beta=1.0, mean=False, tau_shift=0):
     w2 = [p.detach().clone() for p in m2.parameters()]
     v1 = v2 = acc1 = acc2 = None
     feed = Feed()
-    pipelined = algo != "ddg"
+    pipelined = algo not in ("ddg", "fr")
     d = 2 if pipelined else 1
     used, acts, delta, in_flight = {}, {}, {}, []
 
@@ -93,7 +94,9 @@ def reference(algo, m=1, predict=False, beta=1.0, mean=False, tau_shift=0):
         g = b1 - d
         if 0 <= g < NB:  # module 1: the delayed batch, at the weights its forward used
             in_flight.remove(g)
-            acc1 = add(acc1, g1(feed.x[g], acts[g], used[g], delta[g] * beta))
+            x = feed.x[g]
+            acc1 = add(acc1, g1(x, f1(x, w1), w1, delta[g]) if algo == "fr" else  # replay
+                       g1(x, acts[g], used[g], delta[g] * beta))
             if (g + 1) % m == 0:
                 (w1, v1), acc1 = step(w1, v1, acc1), None
     return w1 + w2
@@ -101,6 +104,7 @@ def reference(algo, m=1, predict=False, beta=1.0, mean=False, tau_shift=0):
 
 CASES = [("adl", 2, False, 1.0), ("adl", 3, False, 0.5), ("adl", 2, True, 0.5),
          ("fdg", 1, True, 1.0), ("fdg", 1, True, 0.5), ("ddg", 1, True, 1.0),
+         ("fr", 1, True, 1.0), ("fr", 1, False, 1.0),
          ("adl", 1, False, 1.0)]
 
 
@@ -121,6 +125,7 @@ def test_the_reference_tells_the_variants_apart():
     base = reference("adl", 2, beta=0.5)[0]
     assert not torch.allclose(base, reference("fdg", 1, beta=0.5)[0])
     assert not torch.allclose(base, reference("adl", 2, beta=0.5, mean=True)[0])
+    assert not torch.allclose(reference("fr", predict=True)[0], reference("fr")[0])
     pred = reference("fdg", 1, predict=True)[0]
     assert not torch.allclose(pred, reference("fdg", 1)[0])
     assert not torch.allclose(pred, reference("fdg", 1, predict=True, tau_shift=1)[0])
@@ -204,6 +209,7 @@ def test_a_signal_mid_window_resumes_exactly(tmp_path, algo, k, extra):
 def executor_cfg(algo: str, k: int, executor: str, extra: tuple[str, ...]):
     # 22 batches per epoch, max_steps=30: accumulation windows and the pipeline cross the epoch end
     return make_cfg(f"algo={algo}", f"gpus={k}", f"executor={executor}", "seed=1",
+                    "model.name=resnet8",
                     "sched.milestones=[100]", "trainer.epochs=2", "trainer.max_steps=30",
                     "trainer.check_every=7", *extra)
 
@@ -230,3 +236,16 @@ def test_local_and_dist_give_identical_results(tmp_path, k, extra):
                 for d in (tmp_path / "local", tmp_path / "dist"))
         for name in a["module"]:
             assert torch.equal(a["module"][name], b["module"][name]), name
+
+
+def test_bench_plans_adl_and_lpp_sgd_rows_and_the_simulator_models_adl():
+    """`dpbp bench algos=[adl,lpp_sgd]`: ADL like FDG (W >= 2), LPP-SGD like hogwild (W >= 1,
+    not simulated); the simulator runs ADL's schedule as FDG's (its steps every tick: the
+    step time of the M - 1 skipped steps is counted, a small overestimate)."""
+    from dpbp.bench import plan
+    from dpbp.simulate import Profile, simulate
+
+    names = [c.name for c in plan(["adl", "lpp_sgd"], [1, 2, 4], False)]
+    assert names == ["bp-w1", "lpp_sgd-w1", "adl-w2", "lpp_sgd-w2", "adl-w4", "lpp_sgd-w4"]
+    two = Profile(forward=(1, 1), backward=(2, 2))
+    assert simulate("adl", two, 5).makespan == simulate("fdg", two, 5).makespan
