@@ -128,7 +128,7 @@ def test_a_misspelled_key_in_a_sweep_names_the_choice_without_it(tmp_path, monke
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], monkeypatch)
     line = assert_one_line_error(rc, *capsys.readouterr())
     assert line == ("dpbp: unknown setting algo.beta; valid keys of algo are name, replicas, "
-                    "weights (with algo=ddg).")
+                    "weight_prediction, weights (with algo=ddg).")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -195,7 +195,7 @@ def test_train_help_lists_the_config_groups(monkeypatch, capsys):
     for group in cli.GROUPS:
         line = next(ln for ln in groups.splitlines() if ln.startswith(f"{group}: "))
         assert set(line.split(": ")[1].split(", ")) == set(cli.group_options(group))
-    assert "algo: bp, ddg, ddp, dp_fdg, fdg, fr, gpipe, hogwild, pdasgd" in groups
+    assert "algo: adl, bp, ddg, ddp, dp_fdg, fdg, fr, gpipe, hogwild, lpp_sgd, pdasgd" in groups
     # train.yaml's keys with their comments, and every algorithm's own keys with theirs
     keys = out.split("== Config ==")[1].split("== Algorithms ==")[0]
     assert "  epochs: 30\n" in keys and "# cap on training batches (smoke runs)" in keys
