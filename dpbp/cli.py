@@ -279,7 +279,11 @@ def print_schedule(args: list[str]) -> int:
     algo, k = args[0], int(args[1])
     batches = int(args[2]) if len(args) == 3 else 2 * k + 2
     try:
-        accumulate = algo_options(algo, overrides).accumulation()
+        options = algo_options(algo, overrides)
+        accumulate = options.accumulation()
+        if accumulate < 1:
+            options.check(None)  # says which key, in one sentence
+            raise ConfigError(f"{algo} sums {accumulate} backwards per update; use at least 1.")
     except ConfigError as e:
         print(f"dpbp: {e}", file=sys.stderr)
         return 2

@@ -249,3 +249,17 @@ def test_bench_plans_adl_and_lpp_sgd_rows_and_the_simulator_models_adl():
     assert names == ["bp-w1", "lpp_sgd-w1", "adl-w2", "lpp_sgd-w2", "adl-w4", "lpp_sgd-w4"]
     two = Profile(forward=(1, 1), backward=(2, 2))
     assert simulate("adl", two, 5).makespan == simulate("fdg", two, 5).makespan
+
+
+def test_dpbp_schedule_adl_shows_a_step_every_m_backwards(capsys):
+    from dpbp import cli
+
+    assert cli.main(["schedule", "adl", "2", "6", "algo.accumulate=3"]) == 0
+    out = capsys.readouterr().out
+    assert "a step after every 3 backwards" in out
+    table = out.split("\n", 2)[2]  # below the two header lines
+    assert table.count(" S") == 1 + 2  # module 1: batch 2; module 2: batches 2 and 5
+    assert cli.main(["schedule", "adl", "2", "algo.accumulate=0"]) == 2
+    assert "algo.accumulate=0 must be at least 1" in capsys.readouterr().err
+    assert cli.main(["schedule", "adl", "2", "trainer.epochs=3"]) == 2
+    assert "usage: dpbp schedule" in capsys.readouterr().err

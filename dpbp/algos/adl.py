@@ -44,10 +44,10 @@ class AccumulatedConfig(ShrinkConfig):
         return self.accumulate
 
     def check(self, cfg: Any) -> None:
-        super().check(cfg)
         if self.accumulate < 1:
             raise ConfigError(f"algo.accumulate={self.accumulate} must be at least 1 (1 is "
                               "FDG: an update after every backward).")
+        super().check(cfg)
 
 
 ALGORITHM = Algorithm(
