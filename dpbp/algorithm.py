@@ -51,19 +51,45 @@ class AlgoConfig:
     def check(self, cfg: Any) -> None:
         """Raise ConfigError for a bad value of this algorithm's own keys."""
 
+    def accumulation(self) -> int:
+        """Backward passes whose gradients a module sums before each update (ADL's M; 1 =
+        an update after every backward)."""
+        return 1
+
+    def predicts_weights(self) -> bool:
+        """Whether a delayed forward runs on weights extrapolated along the momentum to the
+        update its gradient will be applied to (SpecTrain; keep.Predicted)."""
+        return False
+
+
+def check_weight_prediction(cfg: Any) -> None:
+    """ConfigError where algo.weight_prediction=true cannot work."""
+    if cfg.optim.momentum <= 0:
+        raise ConfigError("algo.weight_prediction=true extrapolates along the momentum: it "
+                          "needs optim.momentum > 0.")
+
 
 @dataclass
 class DelayedConfig(AlgoConfig):
     """Options of the algorithms that back-propagate through a stored, stale graph."""
 
     weights: str  # stash: the gradient at the weights the forward used | live: reference code
+    weight_prediction: bool  # forward on weights extrapolated tau updates along the momentum
 
     def weight_policy(self) -> str:
         return self.weights
 
+    def predicts_weights(self) -> bool:
+        return self.weight_prediction
+
     def check(self, cfg: Any) -> None:
         if self.weights not in WEIGHT_POLICIES:
             raise ConfigError(f"algo.weights must be stash or live, not '{self.weights}'.")
+        if self.weight_prediction:
+            if self.weights == "live":
+                raise ConfigError("algo.weight_prediction=true needs algo.weights=stash (the "
+                                  "backward must use the extrapolated weights the forward used).")
+            check_weight_prediction(cfg)
 
 
 @dataclass

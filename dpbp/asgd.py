@@ -9,6 +9,8 @@ updates are layer-wise (`layerwise`).
   hook), before the backward reaches the layers below.
 - `hogwild`: the same threads, but the whole model is updated after the full backward (LPP-SGD /
   Hogwild! scaled to several devices), so the layer-wise effect is measured against it.
+- `lpp_sgd`: hogwild, plus a partition (the options' `partition`): after a warm-up a backward
+  thread's update may cover only its own parameter tensors; each thread has its own momentum.
 
 Forward threads take batches, compute the loss with the parameters as they are and queue it
 (at most `backward_threads` waiting); backward threads back-propagate and update.
@@ -83,12 +85,16 @@ class AsyncSGD:
     """Shared model + momentum SGD applied per parameter tensor, from any thread."""
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float,
-                 layerwise: bool) -> None:
+                 layerwise: bool, partition: Any = None, momenta: int = 1) -> None:
+        """`partition` (lpp_sgd.Partition): which tensors a thread updates for a batch; None:
+        all. `momenta`: momentum buffer sets, one per backward thread (lpp_sgd) or one shared."""
         self.model, self.lr, self.mom, self.wd = model, lr, momentum, weight_decay
-        self.layerwise = layerwise
+        self.layerwise, self.partition = layerwise, partition
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())  # shared by every thread, updated in place
-        self.buf = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.bufs = [{n: torch.zeros_like(p) for n, p in self.params.items()}
+                     for _ in range(momenta)]
+        self.buf = self.bufs[0]
         self.meter = Staleness(list(self.params))
         self.lock = threading.Lock()
         self.loss_sum = 0.0
@@ -98,10 +104,10 @@ class AsyncSGD:
         self.stepped = threading.Condition()
 
     @torch.no_grad()
-    def apply(self, name: str, grad: torch.Tensor, read_version: int) -> None:
+    def apply(self, name: str, grad: torch.Tensor, read_version: int, thread: int = 0) -> None:
         p = self.params[name]
         g = grad.add(p, alpha=self.wd) if self.wd else grad
-        buf = self.buf[name]
+        buf = self.bufs[thread % len(self.bufs)][name]
         buf.mul_(self.mom).add_(g)
         p.add_(buf, alpha=-self.lr)
         self.meter.update(name, read_version)
@@ -111,15 +117,16 @@ class AsyncSGD:
         tensors of the module it is given, so threads must not share one."""
         return copy.deepcopy(self.model).to("meta")
 
-    def forward(self, shell: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def forward(self, shell: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 0):
         """Loss of one batch on the current weights; returns what the backward needs."""
         read = self.meter.read()
         aliases = {n: p.data.requires_grad_(True) for n, p in self.params.items()}
         logits = functional_call(shell, {**aliases, **self.buffers}, (x,))
-        return F.cross_entropy(logits, y), logits.detach(), y, aliases, read
+        return F.cross_entropy(logits, y), logits.detach(), y, aliases, read, batch
 
-    def backward(self, item) -> None:
-        loss, logits, y, aliases, read = item
+    def backward(self, item, thread: int = 0) -> None:
+        """Back-propagate a forward's loss and update, as backward thread `thread`."""
+        loss, logits, y, aliases, read, batch = item
         if self.layerwise:
             for n, a in aliases.items():
                 def hook(t: torch.Tensor, n: str = n) -> None:
@@ -128,9 +135,11 @@ class AsyncSGD:
                 a.register_post_accumulate_grad_hook(hook)
             loss.backward()
         else:
-            grads = torch.autograd.grad(loss, list(aliases.values()))
-            for (n, _), g in zip(aliases.items(), grads):
-                self.apply(n, g, read[n])
+            mask = self.partition.mask(thread, batch) if self.partition is not None else None
+            names = [n for i, n in enumerate(aliases) if mask is None or mask[i]]
+            grads = torch.autograd.grad(loss, [aliases[n] for n in names]) if names else ()
+            for n, g in zip(names, grads):
+                self.apply(n, g, read[n], thread)
         with self.lock:
             self.loss_sum += loss.item() * y.numel()
             self.correct += int((logits.argmax(1) == y).sum())
@@ -182,7 +191,8 @@ class _Span:
                     b = next(self.it, None)
                 if b is None or self.errors:
                     break
-                self.q.put(self.sgd.forward(shell, self.feed.inputs(b), self.feed.labels(b)))
+                x, y = self.feed.inputs(b), self.feed.labels(b)
+                self.q.put(self.sgd.forward(shell, x, y, b))
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             self.fail(e)
         finally:
@@ -192,12 +202,12 @@ class _Span:
                     for _ in range(self.backward_threads):
                         self.q.put(self.stop)
 
-    def backward_loop(self) -> None:
+    def backward_loop(self, thread: int = 0) -> None:
         while (item := self.q.get()) is not self.stop:
             if self.errors:
                 continue  # drain the queue so the forward threads can finish
             try:
-                self.sgd.backward(item)
+                self.sgd.backward(item, thread)
             except BaseException as e:  # noqa: BLE001
                 self.fail(e)
 
@@ -224,7 +234,8 @@ def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backwar
     """
     span = _Span(sgd, feed, batches, forward_threads, backward_threads, average_every, world)
     threads = [threading.Thread(target=span.forward_loop) for _ in range(forward_threads)]
-    threads += [threading.Thread(target=span.backward_loop) for _ in range(backward_threads)]
+    threads += [threading.Thread(target=span.backward_loop, args=(j,))
+                for j in range(backward_threads)]
     if world > 1 and span.marks:
         threads.append(threading.Thread(target=span.average_loop))
     for t in threads:
@@ -253,8 +264,12 @@ class ThreadsRunner:
                          self.world, workers=cfg.data.loader_workers)
         self.steps = self.feed.steps
         o = cfg.optim
+        a = cfg.algo
         self.sgd = AsyncSGD(self.model, o.lr, o.momentum, o.weight_decay,
-                            layerwise=type(cfg.algo).layerwise)
+                            layerwise=type(a).layerwise,
+                            partition=a.partition([p.numel() for p in self.model.parameters()],
+                                                  self.steps),
+                            momenta=a.backward_threads if type(a).thread_momentum else 1)
         self.reports = ctx.rank == 0
         self.control_group = None
         if ctx.distributed:
@@ -268,8 +283,9 @@ class ThreadsRunner:
         ck = checkpoint.load_part(directory, 0, self.ctx.rank, tick)
         self.model.load_state_dict(ck["module"])
         sgd = self.sgd
-        for n, buf in ck["momentum"].items():
-            sgd.buf[n].copy_(buf)
+        for bufs, saved in zip(sgd.bufs, [ck["momentum"], *ck.get("thread_momentum", [])]):
+            for n, buf in saved.items():
+                bufs[n].copy_(buf)
         sgd.steps, sgd.loss_sum, sgd.correct, sgd.seen = (ck["steps"], ck["loss_sum"],
                                                           ck["correct"], ck["seen"])
         for key in ("version", "total", "max", "count"):
@@ -335,6 +351,8 @@ class ThreadsRunner:
             "model": self.cfg.model, "epoch": state.epoch, "tick": state.tick,
             "module": self.model.state_dict(),
             "momentum": {n: b.detach().clone() for n, b in s.buf.items()},
+            "thread_momentum": [{n: b.detach().clone() for n, b in bufs.items()}
+                                for bufs in s.bufs[1:]],
             "steps": s.steps, "loss_sum": s.loss_sum, "correct": s.correct, "seen": s.seen,
             "staleness": {"version": dict(meter.version), "total": dict(meter.total),
                           "max": dict(meter.max), "count": dict(meter.count)},

@@ -35,7 +35,7 @@ commands:
   train   train a model with any algo (a Hydra app: overrides, -m sweeps, --help, --cfg)
   bench   timed short runs of each algo on 1..W workers: speedup, efficiency, ceiling, memory
   report  the accuracy/speed table of runs or sweeps against BP, from their summary.json files
-  schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule fdg 3)
+  schedule ALGO K [BATCHES]  print what each module does at each tick (e.g. schedule adl 3)
 
 examples:
   dpbp train                                       ResNet-20 on digits on the CPU
@@ -268,24 +268,48 @@ def bench_app(cfg: DictConfig) -> None:
 
 
 def print_schedule(args: list[str]) -> int:
-    """`dpbp schedule ALGO K [BATCHES]`: the module x tick table of an algorithm's schedule."""
+    """`dpbp schedule ALGO K [BATCHES] [algo.KEY=VALUE ...]`: the module x tick table of an
+    algorithm's schedule, with its default options (ADL's steps follow algo.accumulate)."""
     from dpbp import algos
     from dpbp.schedule import format_table
 
     names = [n for n in algos.names() if algos.get(n).family == "tick"]
+    overrides = [a for a in args if "=" in a]
+    args = [a for a in args if "=" not in a]
     if len(args) not in (2, 3) or args[0] not in names or not all(a.isdigit() for a in args[1:]) \
-            or int(args[1]) < 1:
-        print(f"dpbp: usage: dpbp schedule ALGO K [BATCHES] with ALGO one of {', '.join(names)}"
-              " and K >= 1, e.g. dpbp schedule fdg 3.", file=sys.stderr)
+            or int(args[1]) < 1 or not all(o.startswith("algo.") for o in overrides):
+        print(f"dpbp: usage: dpbp schedule ALGO K [BATCHES] [algo.KEY=VALUE ...] with ALGO one "
+              f"of {', '.join(names)} and K >= 1, e.g. dpbp schedule fdg 3.", file=sys.stderr)
         return 2
     algo, k = args[0], int(args[1])
     batches = int(args[2]) if len(args) == 3 else 2 * k + 2
-    print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step; stage s is module s+1;\n"
-          ">A/<A send/receive an activation, >G/<G an error gradient"
+    try:
+        options = algo_options(algo, overrides)
+        accumulate = options.accumulation()
+        if accumulate < 1:
+            options.check(None)  # says which key, in one sentence
+            raise ConfigError(f"{algo} sums {accumulate} backwards per update; use at least 1.")
+    except ConfigError as e:
+        print(f"dpbp: {e}", file=sys.stderr)
+        return 2
+    every = f" (a step after every {accumulate} backwards)" if accumulate > 1 else ""
+    print(f"{algo}, K={k}: F<b> forward batch b, B<b> backward, S step{every}; stage s is "
+          "module s+1;\n>A/<A send/receive an activation, >G/<G an error gradient"
           + ("; L<b> the gradient of batch b trains the gradient predictor"
              if algos.get(algo).boundary == "synthetic" else ""))
-    print(format_table(algo, k, batches))
+    print(format_table(algo, k, batches, accumulate=accumulate))
     return 0
+
+
+def algo_options(algo: str, overrides: list[str]):
+    """The `algo` section of conf/algo/<algo>.yaml with these overrides, as its dataclass."""
+    from dpbp.config import build_algo
+
+    values = OmegaConf.to_container(OmegaConf.merge(
+        OmegaConf.load(str(resources.files("dpbp.conf") / "algo" / f"{algo}.yaml")),
+        OmegaConf.from_dotlist([o.removeprefix("algo.") for o in overrides])))
+    values["replicas"] = 1  # one pipeline's schedule (ddp's ${gpus} does not resolve here)
+    return build_algo(values)
 
 
 def main(argv: list[str] | None = None) -> int:

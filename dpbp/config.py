@@ -174,6 +174,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def build_algo(values: dict[str, Any]) -> AlgoConfig:
+    """The `algo` section as its algorithm's options dataclass (one sentence for a bad key)."""
+    return _build(algos.get(str(values.get("name", ""))).options, values, "algo")
+
+
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from the resolved config dict (Hydra's, minus the `hydra` node)."""
     d = dict(d)

@@ -67,7 +67,8 @@ class Grid:
 
     def run(self, ticks: range, num_batches: int, end_tick: int) -> None:
         algo, k = self.cfg.algo.name, len(self.shapes)
-        programs = [schedule.program(algo, s.index, k, ticks, num_batches, end_tick)
+        programs = [schedule.program(algo, s.index, k, ticks, num_batches, end_tick,
+                                     self.cfg.algo.accumulation())
                     for s in self.stages]
         if not self.ctx.distributed:
             self.local.run(programs)

@@ -17,6 +17,10 @@ goes through, and what a checkpoint saves of a batch in flight and how it is reb
 - `Replay` (Features Replay): no graph; the input is stored and, at backward time, the forward is
   recomputed with the current weights on copies of the buffers, so BatchNorm's running
   statistics advance once per batch as in plain training.
+- `Predicted` / `PredictedReplay` (`algo.weight_prediction=true`): as Stash / Replay, but the
+  forward runs on the weights extrapolated to the update its gradient will be applied to
+  (`extrapolate`, SpecTrain); Predicted stashes exactly those weights, so the gradient is exact
+  for the weights the forward used.
 
 Checkpoints: an autograd graph cannot be saved, but it is a pure function of the input and the
 weights in train mode (BatchNorm normalises with the batch's own statistics), so it is rebuilt by
@@ -47,10 +51,13 @@ class Stage(Protocol):
     index: int
     module: nn.Module
     params: Weights
+    optimizer: torch.optim.Optimizer
     graph_bytes: int | None
     keep_weights_from: int | None
 
     def watch(self, weights: Weights) -> Weights: ...
+
+    def lookahead(self, batch: int) -> int: ...
 
     def autocast_context(self) -> Any: ...
 
@@ -169,12 +176,53 @@ class Replay(Plain):
         return Pending(x=x, nbytes=x.untyped_storage().nbytes())
 
 
+def extrapolate(stage: Stage, tau: int) -> Weights:
+    """SpecTrain's weight prediction (Chen et al. 2018, arXiv 1809.02839, eq. "W_hat(t+s) =
+    W(t) - s * lr * v(t-1)"): the weights `tau` updates ahead along the SGD momentum,
+    w - lr * tau * v, new tensors. v is torch SGD's momentum buffer (weight decay is folded into
+    it, so its pull is extrapolated too; with Nesterov the step also holds the next gradient,
+    which is unknown, so the buffer alone is the direction). No buffer yet (before the first
+    update) or tau = 0: a copy of the current weights."""
+    lr = stage.optimizer.param_groups[0]["lr"]
+    out = {}
+    for n, p in stage.params.items():
+        v = stage.optimizer.state.get(p, {}).get("momentum_buffer")
+        w = p.detach()
+        out[n] = w.clone() if v is None or tau == 0 else w - (lr * tau) * v
+    return out
+
+
+class Predicted(Stash):
+    """Stash the extrapolated weights and run the forward on them."""
+
+    def forward(self, stage: Stage, batch: int, x: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+        x = x.detach().requires_grad_(stage.index > 0)
+        weights = stage.watch({n: w.requires_grad_(True) for n, w in
+                               extrapolate(stage, stage.lookahead(batch)).items()})
+        out = _measured_forward(stage, x, weights, copies=True)
+        return Pending(x=x, out=out, weights=weights, nbytes=stage.graph_bytes), out
+
+
+class PredictedReplay(Replay):
+    """Features Replay whose forward (the output sent up) runs on the extrapolated weights."""
+
+    def forward(self, stage: Stage, batch: int, x: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+        weights = extrapolate(stage, stage.lookahead(batch))
+        with torch.no_grad(), stage.autocast_context():
+            out = functional_call(stage.module, weights, (x,))  # buffers: the module's own
+        return Pending(x=x, nbytes=x.untyped_storage().nbytes()), out
+
+
 POLICIES = {"plain": Plain, "stash": Stash, "live": Live, "replay": Replay}
+PREDICTED = {"stash": Predicted, "replay": PredictedReplay}
 
 
-def policy(name: str, delay: int) -> Plain:
-    """The policy a stage with this delay uses: `name` if it has batches in flight, else Plain."""
-    return POLICIES[name]() if delay > 0 else Plain()
+def policy(name: str, delay: int, predict: bool = False) -> Plain:
+    """The policy a stage with this delay uses: `name` if it has batches in flight, else Plain;
+    with `predict`, its weight-predicting variant."""
+    if delay == 0:
+        return Plain()
+    return PREDICTED[name]() if predict else POLICIES[name]()
 
 
 def _measured_forward(stage: Stage, x: torch.Tensor, weights: Weights,

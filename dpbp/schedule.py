@@ -146,10 +146,13 @@ def carried_to(
 
 
 def tick_program(
-    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int
+    algo: str, stage: int, num_stages: int, tick: int, num_batches: int, end_tick: int,
+    accumulate: int = 1,
 ) -> list[Instr]:
     """Instructions of `stage` at `tick`; batches outside [0, num_batches) and gradients that
-    would be used at or after `end_tick` are left out."""
+    would be used at or after `end_tick` are left out. With `accumulate` = M > 1 (ADL) a stage
+    steps only after every M-th backward (batch g with (g + 1) % M == 0): the backwards between
+    add their gradients up."""
     last = stage == num_stages - 1
     out: list[Instr] = []
     b = forward_batch(algo, stage, tick)
@@ -174,29 +177,31 @@ def tick_program(
         if stage > 0 and crossing != "none" and \
                 _receive_tick(algo, stage - 1, num_stages, RECV_GRAD, g) < end_tick:
             out.append(Instr(SEND_GRAD, g))
-        out.append(Instr(STEP, g))
+        if (g + 1) % accumulate == 0:
+            out.append(Instr(STEP, g))
     return out
 
 
 def program(
-    algo: str, stage: int, num_stages: int, ticks: range, num_batches: int, end_tick: int
+    algo: str, stage: int, num_stages: int, ticks: range, num_batches: int, end_tick: int,
+    accumulate: int = 1,
 ) -> list[Instr]:
     """The instructions of `stage` over a range of ticks, in order."""
     return [
         ins
         for t in ticks
-        for ins in tick_program(algo, stage, num_stages, t, num_batches, end_tick)
+        for ins in tick_program(algo, stage, num_stages, t, num_batches, end_tick, accumulate)
     ]
 
 
 def format_table(algo: str, num_stages: int, num_batches: int, ticks: int | None = None,
-                 width: int = 100) -> str:
+                 width: int = 100, accumulate: int = 1) -> str:
     """A stage x tick table of the schedule, for debugging and the docs; ticks that do not fit
     in `width` columns continue in another block below (a blank line between blocks)."""
     end = num_ticks(algo, num_stages, num_batches)
     ticks = end if ticks is None else ticks
     cells = [
-        [" ".join(map(str, tick_program(algo, s, num_stages, t, num_batches, end)))
+        [" ".join(map(str, tick_program(algo, s, num_stages, t, num_batches, end, accumulate)))
          for t in range(ticks)]
         for s in range(num_stages)
     ]

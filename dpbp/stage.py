@@ -94,13 +94,18 @@ class Stage:
         grad_sync: Any = None,
         on_nonfinite: str = "stop",
         companion: Any = None,
+        accumulate: int = 1,
+        predict: bool = False,
     ) -> None:
         """`grad_sync` (grid.GradSync) all-reduces each weight's gradient across data-parallel
         replicas as the backward computes it and averages them before the update (dp_fdg);
         None for a single pipeline. `on_nonfinite`: stop
         (remember the first bad batch, the run stops) or skip (skip that update).
         `companion` (companion.py): the local model of a module k < K that trains on a local
-        loss (DGL) or predicts its error gradient (DNI); None for the others."""
+        loss (DGL) or predicts its error gradient (DNI); None for the others.
+        `accumulate`: backward passes per update (ADL's M; the schedule places the steps, the
+        gradients add up in between). `predict`: delayed forwards run on weights extrapolated
+        along the momentum (keep.Predicted)."""
         self.module = module
         self.index = index
         self.num_stages = num_stages
@@ -109,7 +114,9 @@ class Stage:
         record = algos.get(algo)
         self.delay = record.delay(index, num_stages)
         self.last = index == num_stages - 1
-        self.keeps = keep.policy("replay" if record.keeps == "input" else weights, self.delay)
+        self.accumulate = accumulate
+        self.keeps = keep.policy("replay" if record.keeps == "input" else weights, self.delay,
+                                 predict)
         self.beta = beta if not self.last else 1.0
         self.grad_sync = grad_sync
         self.params = dict(module.named_parameters())
@@ -181,7 +188,8 @@ class Stage:
         inputs = list(weights.values()) + extra + ([x] if self.sends_gradient else [])
         grads = torch.autograd.grad(target, inputs, grad_out)
         for param, g in zip([*self.params.values(), *extra], grads):
-            param.grad = g
+            # between two steps (ADL's accumulation) the backwards add up; step() clears them
+            param.grad = g if param.grad is None else param.grad + g
         return grads[-1] if self.sends_gradient else None
 
     def learn(self, batch: int, grad: torch.Tensor) -> None:
@@ -193,6 +201,14 @@ class Stage:
         """Count what the companion holds now (its batches in flight) in the peak."""
         s = self.stats
         s.peak_bytes = max(s.peak_bytes, s.held_bytes + self.companion.held_bytes())
+
+    def lookahead(self, batch: int) -> int:
+        """Updates this module makes between a forward of `batch` now and the update that
+        applies its gradient (SpecTrain's s): the batches in flight here are back-propagated
+        first, in order, and the j-th backward (batch j) ends an update when (j + 1) is a
+        multiple of `accumulate`."""
+        done = batch - len(self.pending)  # batches back-propagated here so far
+        return batch // self.accumulate - done // self.accumulate
 
     def _count(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
                batch: int) -> None:
@@ -304,6 +320,8 @@ class Stage:
             "seen": s.seen,
             "skipped": s.skipped,
             "skipped_in_a_row": s.skipped_in_a_row,
+            # ADL: gradients summed since the last update
+            "grads": {n: p.grad.detach() for n, p in self.params.items() if p.grad is not None},
         }
 
     def restore_inflight(self, state: dict[str, Any], device: torch.device) -> None:
@@ -323,6 +341,8 @@ class Stage:
         s.correct = None if state["correct"] is None else state["correct"].to(device)
         s.seen, s.skipped = state["seen"], state["skipped"]
         s.skipped_in_a_row = state["skipped_in_a_row"]
+        for n, g in state.get("grads", {}).items():
+            self.params[n].grad = g.to(device)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (end of training: their gradients are dropped)."""

@@ -72,7 +72,8 @@ class TickRunner:
         return Stage(m, k, self.k, cfg.algo.name, make_optimizer(cfg, m),
                      weights=cfg.algo.weight_policy(), beta=cfg.algo.shrink(),
                      autocast=autocast, grad_sync=self.grid.grad_sync,
-                     on_nonfinite=cfg.trainer.on_nonfinite, companion=self._companion(k))
+                     on_nonfinite=cfg.trainer.on_nonfinite, companion=self._companion(k),
+                     accumulate=cfg.algo.accumulation(), predict=cfg.algo.predicts_weights())
 
     def _companion(self, k: int) -> Companion | None:
         """Module k's local model (DGL's auxiliary head, DNI's gradient predictor), if any:

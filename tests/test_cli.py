@@ -128,7 +128,7 @@ def test_a_misspelled_key_in_a_sweep_names_the_choice_without_it(tmp_path, monke
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], monkeypatch)
     line = assert_one_line_error(rc, *capsys.readouterr())
     assert line == ("dpbp: unknown setting algo.beta; valid keys of algo are name, replicas, "
-                    "weights (with algo=ddg).")
+                    "weight_prediction, weights (with algo=ddg).")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -129,7 +129,7 @@ def test_each_algorithm_has_only_its_own_keys():
     """A run's config holds what applies to it: bp has no beta, fdg no microbatches."""
     assert set(run_config("algo=bp").to_dict()["algo"]) == {"name", "replicas"}
     assert set(run_config("algo=fdg", "gpus=2").to_dict()["algo"]) == {
-        "name", "replicas", "weights", "beta"}
+        "name", "replicas", "weights", "weight_prediction", "beta"}
     with pytest.raises(ConfigError, match=r"unknown setting algo\.beta"):
         from_dict(compose_dict("algo=bp", "+algo.beta=0.5"))
 

@@ -133,7 +133,8 @@ def test_plan_covers_every_algo_that_runs_on_one_gpu():
             assert "executor=local" in checks[f"{algo}-k{k}"].overrides
             assert f"gpus={k}" in checks[f"{algo}-k{k}"].overrides
     assert checks["pdasgd-k1"].tolerance == checks["hogwild-k1"].tolerance == "async"
-    assert checks["fdg-k2-amp"].reference == "fdg-k2" and checks["fdg-k2-amp"].tolerance == "amp"
+    # the most delayed pipeline at K = 2: adl (ties with fdg, first by name)
+    assert checks["adl-k2-amp"].reference == "adl-k2" and checks["adl-k2-amp"].tolerance == "amp"
     assert "trainer.channels_last=true" in checks["bp-k1-channels_last"].overrides
     assert all(c.reference in checks for c in checks.values())
     refused = {r.name for r in cuda_check.REFUSED}

@@ -1,5 +1,5 @@
-"""Every family resumes: gpipe (torch pipelining) exactly, pdasgd/hogwild (threads) from the
-checkpoint's weights, momentum and batch. Each run is killed with SIGKILL after its first
+"""Every family resumes: gpipe (torch pipelining) exactly, pdasgd/hogwild/lpp_sgd (threads) from
+the checkpoint's weights, momentum and batch. Each run is killed with SIGKILL after its first
 checkpoint, then resumed.
 """
 
@@ -40,7 +40,7 @@ def test_gpipe_killed_after_a_checkpoint_resumes_exactly(tmp_path):
         assert all(torch.equal(a["module"][n], b["module"][n]) for n in a["module"])
 
 
-@pytest.mark.parametrize("algo", ["pdasgd", "hogwild"])
+@pytest.mark.parametrize("algo", ["pdasgd", "hogwild", "lpp_sgd"])
 def test_threads_killed_after_a_checkpoint_resume_from_it(tmp_path, algo):
     """One device, its process killed with SIGKILL in epoch 2: the resumed run starts from the
     epoch-1 checkpoint (history, update count, staleness counters) and completes."""

@@ -20,6 +20,11 @@ class ThreadsConfig(AlgoConfig):
     average_every: int  # gpus > 1: local steps between parameter averages
 
     layerwise: ClassVar[bool] = True  # update each layer as soon as its gradient exists
+    thread_momentum: ClassVar[bool] = False  # one momentum buffer set per backward thread
+
+    def partition(self, sizes: list[int], steps_per_epoch: int) -> Any:
+        """Which tensors each backward thread updates (lpp_sgd); None: every thread all."""
+        return None
 
     def check(self, cfg: Any) -> None:
         if min(self.forward_threads, self.backward_threads, self.average_every) < 1:
