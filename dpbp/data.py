@@ -5,7 +5,8 @@ accelerator, and gathering, cropping, flipping and normalizing a batch with a ha
 ops is much faster than per-sample Python transforms, which would otherwise starve pipelined
 model stages. A training set larger than `data.stream_budget_mb` (or any, with
 `data.stream=true`) stays on the host as a dataset of (x, y) items and is streamed through a
-DataLoader (stream.py); its batches get the same on-device augmentation and normalization.
+DataLoader (stream.py); its batches get the same on-device augmentation and normalization. A
+streamed image folder is read from disk image by image (user_data.FolderItems).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from dpbp import user_data
 from dpbp.errors import ConfigError
-from dpbp.stream import TensorItems, wanted
+from dpbp.stream import TensorItems, in_order, wanted
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic", "text", *user_data.NAMES)
 AUGMENT_MODES = ("auto", "crop_flip", "crop", "none")
@@ -87,7 +88,8 @@ class Dataset:
 
     Streamed (`train_items` set): the training set is a dataset of (x, y) items on the host,
     read through a DataLoader, and the tensors here stay on the host; `device` is where the
-    batches go.
+    batches go. An image folder streamed from disk keeps only its first training image in
+    train_x (for shapes and types) and every label in train_y.
     """
 
     name: str
@@ -115,6 +117,12 @@ class Dataset:
     def num_train(self) -> int:
         """Number of training samples."""
         return len(self.train_items) if self.streamed else int(self.train_x.shape[0])
+
+    @property
+    def train_nbytes(self) -> int:
+        """The size of the decoded training set (streamed from disk: as if decoded)."""
+        per_sample = self.train_x.nbytes // max(1, int(self.train_x.shape[0]))
+        return per_sample * self.num_train + self.train_y.nbytes
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -264,6 +272,10 @@ def test_batches(ds: Dataset, batch_size: int,
         raise ConfigError(f"the evaluation batch size must be positive, got {batch_size}.")
     xs, ys = (ds.train_x, ds.train_y) if split == "train" else (ds.test_x, ds.test_y)
     to = ds.device or xs.device  # streamed: the data stays on the host, batches move
+    if split == "train" and xs.shape[0] < ds.num_train:  # streamed from disk: read in order
+        for x, y in in_order(ds.train_items, batch_size):
+            yield ds.prepare(x.to(to, non_blocking=True)), y.to(to, non_blocking=True)
+        return
     for start in range(0, xs.shape[0], batch_size):
         x = xs[start : start + batch_size].to(to, non_blocking=True)
         yield ds.prepare(x), ys[start : start + batch_size].to(to, non_blocking=True)
@@ -514,7 +526,7 @@ def _user(cfg: DataConfig) -> Dataset:
     """The user's images, arrays or dataset class (user_data.py), on the host."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_mix_seed("holdout", cfg.split_seed))
-    d = user_data.decode(cfg, gen)
+    d = user_data.decode(cfg, gen, lambda nbytes: streams(cfg, nbytes))
     if d.train_x.dim() == 4:
         pad, flip = _resolve_augment(cfg, int(d.train_x.shape[-1]))
     elif cfg.augment not in ("auto", "none"):
@@ -524,7 +536,7 @@ def _user(cfg: DataConfig) -> Dataset:
         pad, flip = 0, False
     return Dataset(name=cfg.name, train_x=d.train_x, train_y=d.train_y, test_x=d.test_x,
                    test_y=d.test_y, mean=d.mean, std=d.std, num_classes=d.num_classes,
-                   pad=pad, flip=flip)
+                   pad=pad, flip=flip, train_items=d.train_items)
 
 
 def _text(cfg: DataConfig) -> Dataset:
@@ -548,8 +560,10 @@ def streams(cfg: DataConfig, nbytes: int) -> bool:
 
 def _place(ds: Dataset, cfg: DataConfig, device: torch.device) -> Dataset:
     """Move a host dataset to `device`, or, when it is streamed, keep it on the host (pinned
-    for CUDA copies) as a dataset of (x, y) items."""
-    if streams(cfg, ds.train_x.nbytes + ds.train_y.nbytes):
+    for CUDA copies) as a dataset of (x, y) items (already one: streamed from disk)."""
+    if ds.streamed:
+        ds.device = device
+    elif streams(cfg, ds.train_nbytes):
         pin = device.type == "cuda"
         train_x, train_y = (ds.train_x.pin_memory(), ds.train_y.pin_memory()) if pin else \
             (ds.train_x, ds.train_y)

@@ -123,7 +123,7 @@ def aux_parameters(cfg: RunConfig, blocks, counts: list[int], ds) -> list[int] |
 def data_path(cfg: RunConfig, ds) -> str:
     """The run header's line on where training batches come from (the summary's
     `data_loading`)."""
-    mib = (ds.train_x.nbytes + ds.train_y.nbytes) / 2**20
+    mib = ds.train_nbytes / 2**20
     where = (f"streamed through a DataLoader with {cfg.data.loader_workers} worker(s)"
              if ds.streamed else "held on the device")
     return (f"data={cfg.data.name}: {ds.num_train} training samples ({mib:.1f} MiB, "

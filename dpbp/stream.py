@@ -65,6 +65,12 @@ class TensorItems(torch.utils.data.Dataset):
         return self.x[i], self.targets[i]
 
 
+def in_order(items: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (x, y) item once, in order, in batches of `batch_size` (the last may be smaller),
+    read in this process: the training set's evaluation."""
+    return iter(DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0))
+
+
 class BatchOrder(Sampler[list[int]]):
     """The sample indices of global batches start, start + 1, ... (endless: the run ends it)."""
 

@@ -6,9 +6,11 @@
 
 `decode` reads any of them into CPU tensors (uint8 images (N, C, H, W), or float32 features
 (N, D) / float images, and int64 labels) with the normalisation statistics of the training set;
-data.py puts them on the device like every other dataset. That function is the seam for data too
-large for the device: a streaming loader can take the same sources file by file
-(`folder_samples` lists an image folder without reading it).
+data.py puts them on the device like every other dataset. An image folder whose training set is
+streamed (`data.stream`: true, or auto when count x C x H x W of its first image exceeds
+`data.stream_budget_mb`) is not decoded at all: `FolderItems` opens, decodes and resizes one
+image per item, and its statistics come from one streaming pass (`folder_statistics`); only its
+test split (small) is decoded into memory.
 
 Without a test split (no `val/` or `test/` folder, no x_test in the file, a dataset class
 without one) a fraction `data.holdout` of the training set is held out, drawn by
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,12 +57,19 @@ class Decoded:
     num_classes: int
     mean: torch.Tensor  # float32, one per channel (images) or feature; uint8: in [0, 1] units
     std: torch.Tensor
+    # streamed from disk: the training set as FolderItems; train_x then holds its first image only
+    train_items: Any = None
 
 
-def decode(cfg: Any, holdout_generator: torch.Generator) -> Decoded:
+def decode(cfg: Any, holdout_generator: torch.Generator,
+           streams: Callable[[int], bool] | None = None) -> Decoded:
     """Read the dataset that `cfg` (a DataConfig with name in NAMES) names; hold out a test
-    split with `holdout_generator` when the source has none."""
+    split with `holdout_generator` when the source has none. `streams(nbytes)`: whether a
+    training set of that decoded size is streamed; an image folder's then stays on disk."""
     if cfg.name == "imagefolder":
+        lazy = _lazy_folder(cfg, holdout_generator, streams)
+        if lazy is not None:
+            return lazy
         x, y, tx, ty = _image_folder(cfg)
     elif cfg.name == "arrays":
         x, y, tx, ty = _arrays(cfg)
@@ -95,7 +104,10 @@ def folder_samples(directory: Path, class_to_idx: dict[str, int] | None = None
     return samples, class_to_idx
 
 
-def _image_folder(cfg: Any) -> tuple[torch.Tensor, ...]:
+def _folder_split(cfg: Any) -> tuple[Path, list[tuple[str, int]], Path, list[tuple[str, int]]
+                                     | None]:
+    """The training folder and its (path, class) samples, the test folder and its samples (None:
+    no test folder)."""
     if not cfg.root or cfg.root == custom.MISSING:
         raise ConfigError("data=imagefolder needs data.root=DIR: a folder with train/<class>/ "
                           "and val/<class>/ subfolders (or <class>/ ones).")
@@ -113,6 +125,11 @@ def _image_folder(cfg: Any) -> tuple[torch.Tensor, ...]:
             raise ConfigError(f"{test_dir} has the class folder {extra[0]!r} that "
                               f"{train_dir} lacks; give both the same classes.")
         test = folder_samples(test_dir, classes)[0]
+    return train_dir, samples, test_dir or root, test
+
+
+def _image_folder(cfg: Any) -> tuple[torch.Tensor | None, ...]:
+    train_dir, samples, test_dir, test = _folder_split(cfg)
     size = _resize_arg(cfg.resize)
     x, y = _stack(((_open(p), c) for p, c in samples), size, "image", [p for p, _ in samples])
     if test is None:
@@ -139,6 +156,107 @@ def _pil_array(img: Any) -> np.ndarray:
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders streamed from disk
+
+
+class FolderItems(torch.utils.data.Dataset):
+    """An image folder's training set as (x uint8 (C, H, W), y int64) items, decoded one image
+    per item exactly as `_stack` decodes the whole set: resized to `size` (else every image must
+    have `shape`'s H x W), grey images given `channels` equal channels. `targets`: the labels,
+    known without reading an image."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: tuple[int, int] | None,
+                 shape: tuple[int, int, int]) -> None:
+        self.paths = [p for p, _ in samples]
+        self.targets = torch.tensor([c for _, c in samples], dtype=torch.int64)
+        self.size, self.shape = size, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chw(_open(self.paths[i]), i), self.targets[i]
+
+    def chw(self, image: np.ndarray, i: int) -> torch.Tensor:
+        """Item i's decoded image (H, W) or (H, W, 3) as the stored (C, H, W) tensor."""
+        if self.size is not None:
+            image = _resized(image, self.size)
+        elif image.shape[:2] != self.shape[1:]:
+            raise ConfigError(f"images of mixed sizes: {self.paths[0]} is {self.shape[1]}x"
+                              f"{self.shape[2]} but {self.paths[i]} is {_hw(image)}; set "
+                              "data.resize=[H,W] to resize them all.")
+        image = image if image.ndim == 3 else image[:, :, None]
+        if image.shape[2] != self.shape[0]:
+            image = np.repeat(image, self.shape[0], axis=2)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _lazy_folder(cfg: Any, gen: torch.Generator, streams: Callable[[int], bool] | None
+                 ) -> Decoded | None:
+    """An image folder whose training set is streamed (`streams` of its estimated decoded size,
+    count x C x H x W of its first image, says so) as FolderItems; None: decode it in memory
+    (`gen` untouched). The test split (a val/ folder, or the held-out share drawn by `gen` as
+    `_hold_out` draws it) is decoded into memory: it is small."""
+    if streams is None:
+        return None
+    train_dir, samples, test_dir, test = _folder_split(cfg)
+    if test is None:
+        index = torch.arange(len(samples))
+        labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
+        draw = torch.Generator().set_state(gen.get_state())  # gen: untouched if not streamed
+        tr, _, te, _ = _hold_out(index, labels, cfg.holdout, draw)
+        samples, test = [samples[i] for i in tr.tolist()], [samples[i] for i in te.tolist()]
+    size = _resize_arg(cfg.resize)
+    first = _open(samples[0][0])
+    first = _resized(first, size) if size is not None else first
+    # grey and colour images mixed: three channels, as _stack gives (PIL's mode: no decoding)
+    channels = 3 if first.ndim == 3 or any(_mode(p) != "L" for p, _ in samples) else 1
+    shape = (channels, *first.shape[:2])
+    if not streams(len(samples) * int(np.prod(shape)) + 8 * len(samples)):
+        return None
+    items = FolderItems(samples, size, shape)
+    x = items.chw(first, 0)[None]
+    tx, ty = _stack(((_open(p), c) for p, c in test), size, "image", [p for p, _ in test])
+    _same_kind(x, tx, str(train_dir), str(test_dir))
+    num_classes = _check_labels(items.targets, ty, cfg.num_classes)
+    mean, std = folder_statistics(items, cfg.mean, cfg.std, cfg.loader_workers)
+    return Decoded(x, items.targets, tx, ty, num_classes, mean, std, items)
+
+
+def _mode(path: str) -> str:
+    """An image file's PIL mode, from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except OSError as e:
+        raise ConfigError(f"{path} is not a readable image ({custom.first_line(e)}); "
+                          "remove or replace it.") from None
+
+
+def folder_statistics(items: FolderItems, mean: Any, std: Any, workers: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_statistics` of the images of `items` in one streaming pass (one image in memory per
+    loader worker): per-channel sums of the pixels and their squares, exact in int64, give the
+    mean and std in [0, 1] units. Given values (data.mean, data.std) skip the pass."""
+    m = s = None
+    if mean is None or std is None:
+        total = torch.zeros(items.shape[0], dtype=torch.int64)
+        squares = torch.zeros(items.shape[0], dtype=torch.int64)
+        for x, _ in torch.utils.data.DataLoader(items, batch_size=None, num_workers=workers):
+            v = x.flatten(1).long()
+            total += v.sum(1)
+            squares += (v * v).sum(1)
+        n = len(items) * items.shape[1] * items.shape[2]
+        m = total.double() / n
+        s = (squares.double() / n - m * m).clamp(min=0).sqrt() / 255.0
+        m = m / 255.0
+        s = torch.where(s > 0, s, torch.ones_like(s))  # a constant channel: leave it as it is
+    return _given(m, s, mean, std, items.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,15 +503,23 @@ def _statistics(x: torch.Tensor, mean: Any, std: Any) -> tuple[torch.Tensor, tor
     """Per-channel (images) or per-feature mean and std of the training set; uint8 images in
     [0, 1] units. Given values (data.mean, data.std) are checked and used instead."""
     dims = (0, 2, 3) if x.dim() == 4 else tuple(i for i in range(x.dim()) if i != 1)
-    n = x.shape[1]
+    m = s = None
     if mean is None or std is None:
         scaled = x.double() / (255.0 if x.dtype == torch.uint8 else 1.0)
         m, s = scaled.mean(dim=dims), scaled.std(dim=dims, unbiased=False)
         s = torch.where(s > 0, s, torch.ones_like(s))  # a constant feature: leave it as it is
+    return _given(m, s, mean, std, x.shape[1])
+
+
+def _given(m: torch.Tensor | None, s: torch.Tensor | None, mean: Any, std: Any, n: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The computed statistics (float64, None where not computed), with the given ones (checked:
+    `n` values) in their place, as float32."""
     if mean is not None:
         m = torch.tensor(_stat(mean, n, "data.mean", 0.0), dtype=torch.float64)
     if std is not None:
         s = torch.tensor(_stat(std, n, "data.std", None), dtype=torch.float64)
+    assert m is not None and s is not None
     return m.float(), s.float()
 
 
