@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 from test_cli import assert_one_line_error, call_main
 
+from dpbp import user_data
 from dpbp.data import DataConfig, load_dataset, train_batch
 from dpbp.errors import ConfigError
+
+CPU = torch.device("cpu")
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -282,3 +285,86 @@ def test_a_built_in_model_refuses_features(tmp_path, monkeypatch, capsys):
                     f"hydra.run.dir={tmp_path}/run"], monkeypatch)
     out, err = capsys.readouterr()
     assert "model=mlp takes images" in assert_one_line_error(rc, out, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders streamed from disk (data.stream): one image decoded per item
+
+
+def write_mixed(root: Path) -> None:
+    """Grey images first, then colour ones, of mixed sizes (three channels; needs data.resize)."""
+    for i in range(5):
+        write_png(root / "train" / "a" / f"{i}.png", pixels(i, (7 + i, 6)))
+        write_png(root / "train" / "b" / f"{i}.png", pixels(10 + i, (6, 5 + i, 3)))
+    write_png(root / "val" / "a" / "0.png", pixels(20, (6, 6, 3)))
+    write_png(root / "val" / "b" / "0.png", pixels(21, (9, 9)))
+
+
+LAYOUTS = {"train and val": (lambda r: write_folder(r), {}),
+           "held out": (lambda r: write_folder(r, per_class=5, val=None), {}),
+           "resized grey and colour": (write_mixed, {"resize": [6, 4]})}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_streamed_folder_gives_the_in_memory_batches(layout, tmp_path):
+    """data.stream=true reads the same training batches (augmented, across an epoch end), the
+    same training-set evaluation, test split and statistics as the in-memory path."""
+    from dpbp.data import test_batches
+    from dpbp.feed import Feed
+
+    write, kw = LAYOUTS[layout]
+    write(tmp_path)
+    kw = {**kw, "augment": "crop_flip", "loader_workers": 0}
+    held = load_dataset(folder(tmp_path, stream=False, **kw))
+    streamed = load_dataset(folder(tmp_path, stream=True, **kw))
+    assert not held.streamed and streamed.streamed
+    assert isinstance(streamed.train_items, user_data.FolderItems)
+    assert streamed.num_train == held.num_train and streamed.sample_shape == held.sample_shape
+    assert torch.equal(streamed.train_y, held.train_y)
+    assert torch.equal(streamed.test_x, held.test_x) and torch.equal(streamed.test_y,
+                                                                     held.test_y)
+    assert torch.allclose(streamed.mean, held.mean, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(streamed.std, held.std, rtol=1e-6, atol=1e-7)
+    a, b = Feed(held, 4, 3, CPU), Feed(streamed, 4, 3, CPU)
+    for n in range(2 * a.steps + 1):
+        assert torch.equal(a.inputs(n), b.inputs(n)) and torch.equal(a.labels(n), b.labels(n))
+    for (x, y), (sx, sy) in zip(test_batches(held, 5, "train"), test_batches(streamed, 5, "train"),
+                                strict=True):
+        assert torch.equal(x, sx) and torch.equal(y, sy)
+    assert torch.equal(streamed.example(2), held.example(2))
+
+
+def test_a_streamed_folder_never_holds_its_decoded_training_set(tmp_path, monkeypatch):
+    """Streamed, the training images are decoded one per item (and once each for the
+    statistics): the dataset keeps only its first image; auto streams by the estimated size."""
+    write_folder(tmp_path)  # 12 training images of 1 x 6 x 5 bytes, 6 test images
+    opened: list[str] = []
+    real = user_data._open
+    monkeypatch.setattr(user_data, "_open", lambda p: (opened.append(p), real(p))[1])
+    given = {"mean": [0.5], "std": [0.25], "loader_workers": 0}
+    ds = load_dataset(folder(tmp_path, stream=True, **given))
+    assert ds.train_x.shape == (1, 1, 6, 5) and ds.num_train == 12
+    assert ds.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(opened) == 1 + 6  # the first training image (its shape), the test split
+    x, y = ds.train_items[7]
+    assert len(opened) == 8 and opened[-1].endswith("dog/3.png") and int(y) == 1
+    assert ds.train_nbytes == 12 * 30 + 12 * 8
+    opened.clear()
+    ds = load_dataset(folder(tmp_path, stream="auto", stream_budget_mb=400 / 2**20,
+                             loader_workers=0))
+    assert ds.streamed and ds.train_x.shape[0] == 1
+    assert len(opened) == 1 + 12 + 6  # and the statistics' pass: each training image once
+    assert not load_dataset(folder(tmp_path, stream="auto", stream_budget_mb=500 / 2**20)
+                            ).streamed
+
+
+def test_a_run_streams_an_image_folder_from_disk(tmp_path):
+    from conftest import make_cfg
+
+    from dpbp.train import train
+
+    write_folder(tmp_path / "d")
+    s = train(make_cfg("data=imagefolder", f"data.root={tmp_path / 'd'}", "data.stream=true",
+                       "data.loader_workers=0", "model=mlp", "trainer.epochs=1",
+                       "trainer.batch_size=4"), tmp_path / "run")
+    assert s["data_loading"] == "stream" and s["steps"] == 3
