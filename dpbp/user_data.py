@@ -212,8 +212,15 @@ def _lazy_folder(cfg: Any, gen: torch.Generator, streams: Callable[[int], bool] 
     size = _resize_arg(cfg.resize)
     first = _open(samples[0][0])
     first = _resized(first, size) if size is not None else first
-    # grey and colour images mixed: three channels, as _stack gives (PIL's mode: no decoding)
-    channels = 3 if first.ndim == 3 or any(_mode(p) != "L" for p, _ in samples) else 1
+    channels = 3 if first.ndim == 3 else 1
+    if size is None or channels == 1:  # the headers (no pixels) say what _stack would find
+        for path, _ in samples:
+            mode, hw = _header(path)
+            channels = 3 if mode != "L" else channels  # grey and colour: three channels
+            if size is None and hw != first.shape[:2]:
+                raise ConfigError(f"images of mixed sizes: {samples[0][0]} is {_hw(first)} but "
+                                  f"{path} is {hw[0]}x{hw[1]}; set data.resize=[H,W] to resize "
+                                  "them all.")
     shape = (channels, *first.shape[:2])
     if not streams(len(samples) * int(np.prod(shape)) + 8 * len(samples)):
         return None
@@ -226,13 +233,13 @@ def _lazy_folder(cfg: Any, gen: torch.Generator, streams: Callable[[int], bool] 
     return Decoded(x, items.targets, tx, ty, num_classes, mean, std, items)
 
 
-def _mode(path: str) -> str:
-    """An image file's PIL mode, from its header (the pixels are not decoded)."""
+def _header(path: str) -> tuple[str, tuple[int, int]]:
+    """An image file's PIL mode and (H, W), from its header (the pixels are not decoded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.mode
+            return img.mode, (img.height, img.width)
     except OSError as e:
         raise ConfigError(f"{path} is not a readable image ({custom.first_line(e)}); "
                           "remove or replace it.") from None

@@ -358,6 +358,15 @@ def test_a_streamed_folder_never_holds_its_decoded_training_set(tmp_path, monkey
                             ).streamed
 
 
+def test_a_streamed_folder_of_mixed_sizes_is_one_sentence(tmp_path):
+    """Without data.resize the image headers are checked before training, as in memory."""
+    write_mixed(tmp_path)
+    for stream in (False, True):
+        with pytest.raises(ConfigError, match=r"images of mixed sizes: .*a/0.png is 7x6 but "
+                                              r".*a/1.png is 8x6; set data.resize"):
+            load_dataset(folder(tmp_path, stream=stream))
+
+
 def test_a_run_streams_an_image_folder_from_disk(tmp_path):
     from conftest import make_cfg
 
