@@ -165,7 +165,7 @@ def _pil_array(img: Any) -> np.ndarray:
 class FolderItems(torch.utils.data.Dataset):
     """An image folder's training set as (x uint8 (C, H, W), y int64) items, decoded one image
     per item exactly as `_stack` decodes the whole set: resized to `size` (else every image must
-    have `shape`'s H x W), grey images given `channels` equal channels. `targets`: the labels,
+    have `shape`'s H x W), grey images given shape[0] equal channels. `targets`: the labels,
     known without reading an image."""
 
     def __init__(self, samples: list[tuple[str, int]], size: tuple[int, int] | None,
@@ -249,7 +249,8 @@ def folder_statistics(items: FolderItems, mean: Any, std: Any, workers: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_statistics` of the images of `items` in one streaming pass (one image in memory per
     loader worker): per-channel sums of the pixels and their squares, exact in int64, give the
-    mean and std in [0, 1] units. Given values (data.mean, data.std) skip the pass."""
+    mean and std in [0, 1] units. Given values (data.mean, data.std) skip the pass (every
+    process of a run loads the data, so give them for a large folder)."""
     m = s = None
     if mean is None or std is None:
         total = torch.zeros(items.shape[0], dtype=torch.int64)
