@@ -48,7 +48,7 @@ def test_logits_are_batch_vocab_time_and_causal():
 
 def reference_loss(logits: torch.Tensor, targets: torch.Tensor, last_only: bool = False) -> float:
     """Mean over every (sequence, position) of -log p(next token), in float64 by hand."""
-    lg = logits.double()
+    lg = logits.detach().double()
     total, n = 0.0, 0
     for b in range(lg.shape[0]):
         for t in range(lg.shape[2]) if not last_only else [lg.shape[2] - 1]:
