@@ -255,19 +255,21 @@ def run_case(cfg: dict[str, Any], case: Case, repeat: int, out: Path,
     return measurement(case, repeat, summaries, str(base))
 
 
-def bench_splits(cfg: dict[str, Any], cases: list[Case], console) -> dict[int, list[int]]:
+def bench_splits(cfg: dict[str, Any], cases: list[Case], console
+                 ) -> tuple[dict[int, list[int]], Any]:
     """With `split=time`, the block counts per module of every multi-module case, balanced once
-    by the blocks' profiled time on the bench's device; every run of that K gets the same split.
-    With `split=flops`, none: each run splits by counted flops, `dpbp train`'s default."""
+    by the blocks' profiled time on the bench's device (every run of that K gets the same
+    split), and that block profile; with `split=flops`, none: each run splits by counted flops,
+    `dpbp train`'s default."""
     modules = sorted({c.modules for c in cases if c.modules > 1})
     if cfg.get("split", "flops") != "time" or not modules:
-        return {}
+        return {}, None
     from dpbp.predict import split_counts
 
-    splits = split_counts(cfg, modules)
+    splits, profile = split_counts(cfg, modules)
     console.print("split by profiled time: " + ", ".join(
         f"K={k}: {'+'.join(map(str, v))} blocks" for k, v in splits.items()), highlight=False)
-    return splits
+    return splits, profile
 
 
 def machine() -> dict[str, Any]:
@@ -289,7 +291,7 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
     cases = plan(list(cfg["algos"]), list(cfg["gpus"]), cfg["ceiling"])
     measurements: list[Measurement] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    splits = bench_splits(cfg, cases, console)
+    splits, blocks_profile = bench_splits(cfg, cases, console)
     result = {"machine": machine(), "device": cfg["device"], "started": started, "config": cfg,
               "splits": splits, "rows": rows(cases, measurements), "measurements": []}
     budget = cfg.get("time_budget_s")
@@ -324,8 +326,8 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
         from dpbp.predict import predict_rows
 
         try:
-            result["predictions"], result["profile"] = predict_rows(cfg, result["rows"],
-                                                                    console, splits)
+            result["predictions"], result["profile"] = predict_rows(
+                cfg, result["rows"], console, splits, blocks_profile)
             attach_predictions(result["rows"], result["predictions"])
         except Exception as e:  # noqa: BLE001 - the measurements stand without it
             console.print(f"dpbp: the prediction failed ({type(e).__name__}: {e}); the "
@@ -399,6 +401,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_fmt(r.get('predicted_run_speedup'), '.2f')} | {_error(r)} "
             f"| {_fmt(predicted.get((r['algo'], r['workers'])), '.2f')} "
             f"| {share or '–'} | {mem or '–'} |")
+    modules = (result.get("profile") or {}).get("modules") or {}
+    if "1" in modules:
+        from dpbp.predict import module_balance
+
+        whole = modules["1"]
+        ms = 1e3 * (whole["forward"][0] + whole["backward"][0] + whole["step"][0])
+        lines += ["", f"Profile behind the predictions (forward + backward + step per batch, "
+                  f"each module timed as a unit): BP on one worker {ms:.0f} ms; "
+                  f"{module_balance(modules)}. Balance = mean / slowest module: the most a "
+                  "pipeline on that split can reach of the ceiling."]
     extra = [p for p in result.get("predictions", [])
              if not any((r["algo"], r["workers"]) == (p["algo"], p["workers"])
                         for r in result["rows"])]

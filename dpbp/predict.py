@@ -1,10 +1,12 @@
 """`dpbp bench predict=true`: profile the model per block on this machine, then simulate each
 algorithm's real schedule (simulate.py) on 1..W devices, including W beyond what the machine has.
 
-The profile is taken in the bench's own process on one device with the bench's thread count:
-forward, backward and optimizer step per block at the bench's batch size; the transfer of each
-boundary's activation and the all-reduce of the gradients are timed between two real processes
-(gloo on CPU, nccl on CUDA). Modules are cut as the bench's runs are cut (`split_counts`).
+The profile is taken in the bench's own process on one device with the bench's thread count, at
+the bench's batch size: forward, backward and optimizer step per block (to balance splits), then
+of each module of each split as one unit, and of the whole model for BP's baseline (per-block
+times add up to more than the module they form); the transfer of each boundary's activation and
+the all-reduce of the gradients are timed between two real processes (gloo on CPU, nccl on
+CUDA). Modules are cut as the bench's runs are cut (`split_counts`).
 
 Two predictions per case: `speedup`, a long run (200 batches: fill and drain amortised), and,
 for synthetic data (whose epoch the bench sizes), `speedup_run`, a run as long as the bench's:
@@ -15,24 +17,26 @@ measured speedup is compared with (the simulator's error).
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
+from torch import nn
 
 from dpbp import algos, custom, schedule
 from dpbp.data import DataConfig, load_dataset, train_batch
-from dpbp.profile import profile_blocks, profile_links
+from dpbp.profile import BlockProfile, profile_blocks, profile_links
 from dpbp.simulate import Profile, bp_one_device, predict_speedup, simulate
 from dpbp.split import balanced_counts, block_flops
 
 
 def run_speedup(algo: str, profile: Profile, steps: int, epochs: int, replicas: int = 1,
-                microbatches: int = 4) -> float:
+                microbatches: int = 4, baseline: float | None = None) -> float:
     """Simulated speedup over BP on one device of a bench run: `epochs` epochs of `steps`
     batches per replica; the first epoch is not timed (the bench's warm-up), the last includes
     the drain. The window starts when the last device has finished the first epoch's work (the
     run's epoch boundary); a device that ran ahead into the second epoch keeps that head start,
-    so this is at most one tick optimistic."""
+    so this is at most one tick optimistic. `baseline` as in `simulate.predict_speedup`."""
     if epochs < 2:
         raise ValueError("a bench run has at least 2 epochs: the first is not timed")
     n = steps * epochs
@@ -49,7 +53,8 @@ def run_speedup(algo: str, profile: Profile, steps: int, epochs: int, replicas: 
     else:  # the microbatch pipelines and the all-reduce model label each batch's step S<batch>
         ends = [e for spans in result.spans for label, _, e in spans if label == f"S{steps - 1}"]
     window = result.makespan - max(ends, default=0.0)
-    return (epochs - 1) * steps * replicas / window * bp_one_device(profile)
+    base = bp_one_device(profile) if baseline is None else baseline
+    return (epochs - 1) * steps * replicas / window * base
 
 
 def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
@@ -87,43 +92,79 @@ def split_costs(cfg: dict[str, Any], blocks: list[Any], ds: Any, profile: Any = 
     return block_flops([b.cpu() for b in blocks], ds.example(1))
 
 
-def split_counts(cfg: dict[str, Any], modules: list[int]) -> dict[int, list[int]]:
+def split_counts(cfg: dict[str, Any], modules: list[int]
+                 ) -> tuple[dict[int, list[int]], BlockProfile | None]:
     """Block counts per module for each K in `modules`: the one split that every run of the
-    bench uses (profiled once, here, when `split=time`)."""
+    bench uses (profiled once, here, when `split=time`), and that block profile (None with
+    `split=flops`), which the prediction reuses."""
     blocks, x, y, ds = bench_blocks(cfg)
     p = profile_blocks(blocks, x, y, repeats=5) if cfg.get("split") == "time" else None
     costs = split_costs(cfg, blocks, ds, p)
-    return {k: balanced_counts(costs, k) for k in sorted(set(modules)) if k <= len(blocks)}
+    return {k: balanced_counts(costs, k) for k in sorted(set(modules)) if k <= len(blocks)}, p
 
 
-def measure(cfg: dict[str, Any], splits: dict[int, list[int]] | None = None
-            ) -> tuple[dict[str, list[float]], Any]:
-    """Per-block times (seconds) on the bench's device, and `counts_for(K)`: the block counts
-    of the runs' split into K modules (`splits`; a K the bench did not run is balanced like
-    them, from this profile)."""
-    blocks, x, y, ds = bench_blocks(cfg)
-    p = profile_blocks(blocks, x, y, repeats=5)
-    sizes = [*p.out_numel, *p.grad_numel]
-    transfer, allreduce = profile_links(sizes, x.device)
-    n = len(blocks)
-    prof = {"forward": p.forward, "backward": p.backward, "step": p.step,
-            "transfer": transfer[:n], "allreduce": allreduce[n:]}
-    costs = split_costs(cfg, blocks, ds, p)
-    known = dict(splits or {})
-    return prof, lambda k: known.get(k) or balanced_counts(costs, k)
+def profile_modules(blocks: list[Any], counts: list[int], x: torch.Tensor, y: torch.Tensor
+                    ) -> BlockProfile:
+    """Time each module of a split as one unit (its blocks chained). The sum of per-block
+    times over-states a module: each block timed alone pays its own autograd call and starts
+    with cold caches (ResNet-20 on this repo's CPU: blocks 535 ms per batch, whole model 500)."""
+    ends = list(accumulate(counts))
+    return profile_blocks([nn.Sequential(*blocks[a:b]) for a, b in zip([0, *ends[:-1]], ends)],
+                          x, y, repeats=5)
+
+
+class Profiler:
+    """The bench's model on its device: per-block times (for splits the bench did not run) and,
+    for each K asked, the per-module simulator Profile, each module timed as a unit."""
+
+    def __init__(self, cfg: dict[str, Any], splits: dict[int, list[int]] | None = None,
+                 blocks_profile: BlockProfile | None = None) -> None:
+        self.blocks, self.x, self.y, ds = bench_blocks(cfg)
+        p = blocks_profile or profile_blocks(self.blocks, self.x, self.y, repeats=5)
+        transfer, allreduce = profile_links([*p.out_numel, *p.grad_numel], self.x.device)
+        n = len(self.blocks)
+        self.blocks_prof = {"forward": p.forward, "backward": p.backward, "step": p.step,
+                            "transfer": transfer[:n], "allreduce": allreduce[n:]}
+        self.costs = split_costs(cfg, self.blocks, ds, p)
+        self.splits = dict(splits or {})
+        self.modules: dict[int, tuple[list[int], Profile]] = {}
+
+    def counts(self, k: int) -> list[int]:
+        """The block counts of the runs' split into K modules (the bench's `splits`; another K
+        is balanced like them)."""
+        return self.splits.get(k) or balanced_counts(self.costs, k)
+
+    def profile(self, k: int) -> Profile:
+        """The simulator's Profile of K modules: forward, backward and step of each module
+        timed as a unit; transfers and all-reduces from the per-block link profile."""
+        if k not in self.modules:
+            counts = self.counts(k)
+            m = profile_modules(self.blocks, counts, self.x, self.y)
+            links = module_profile(self.blocks_prof, counts)
+            self.modules[k] = counts, Profile(tuple(m.forward), tuple(m.backward), tuple(m.step),
+                                              links.transfer, links.allreduce)
+        return self.modules[k][1]
+
+    def record(self) -> dict[str, Any]:
+        """What bench.json keeps: per-block times and each profiled split's module times."""
+        return {**self.blocks_prof, "modules": {
+            str(k): {"counts": counts, "forward": list(p.forward), "backward": list(p.backward),
+                     "step": list(p.step)} for k, (counts, p) in sorted(self.modules.items())}}
 
 
 def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None,
-                 splits: dict[int, list[int]] | None = None
-                 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+                 splits: dict[int, list[int]] | None = None,
+                 blocks_profile: BlockProfile | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Predicted speedups over BP on one worker for every (algo, W) measured or in
-    `predict_gpus`; returns them and the per-block profile they come from."""
-    prof, counts_for = measure(cfg, splits)
-    n = len(prof["forward"])
+    `predict_gpus`; returns them and the profile they come from (`Profiler.record`).
+    `blocks_profile`: the per-block profile the bench's split was balanced by, reused."""
+    prof = Profiler(cfg, splits, blocks_profile)
+    n = len(prof.blocks)
     names = [a for a in dict.fromkeys([r["algo"] for r in rows] + list(cfg["algos"]))
              if a in algos.names() and algos.get(a).simulate is not None]
     workers = sorted({r["workers"] for r in rows} | set(cfg["predict_gpus"]))
-    whole = module_profile(prof, [n])
+    whole = prof.profile(1)
     base = bp_one_device(whole)
     # the bench sizes a synthetic epoch to steps_per_epoch; a real data set keeps its own size
     steps = cfg["steps_per_epoch"] if cfg["data"]["name"] == "synthetic" else None
@@ -137,18 +178,34 @@ def predict_rows(cfg: dict[str, Any], rows: list[dict[str, Any]], console=None,
             if rec.simulate == "allreduce":
                 # the all-reduce of the whole model's gradients, as one bucket after the backward
                 p = Profile(whole.forward, whole.backward, whole.step,
-                            allreduce=(sum(prof["allreduce"]),))
+                            allreduce=(sum(prof.blocks_prof["allreduce"]),))
                 replicas = w
             else:
                 k, replicas = layout
                 if k > n:
                     continue
-                p = module_profile(prof, counts_for(k))
+                p = prof.profile(k)
             speedup = predict_speedup(algo, p, replicas=replicas,
-                                      microbatches=cfg["microbatches"])
-            run = (run_speedup(algo, p, steps, cfg["epochs"], replicas, cfg["microbatches"])
-                   if steps else None)
+                                      microbatches=cfg["microbatches"], baseline=base)
+            run = (run_speedup(algo, p, steps, cfg["epochs"], replicas, cfg["microbatches"],
+                               baseline=base) if steps else None)
             out.append({"algo": algo, "workers": w, "speedup": speedup, "speedup_run": run})
     if console is not None:
-        console.print(f"profile: BP on one worker {1e3 * base:.1f} ms per batch (predicted)")
-    return out, prof
+        console.print(f"profile: BP on one worker {1e3 * base:.1f} ms per batch; "
+                      + module_balance(prof.record()["modules"]), highlight=False)
+    return out, prof.record()
+
+
+def module_balance(modules: dict[str, dict[str, Any]]) -> str:
+    """One line per profiled split: each module's forward + backward + step per batch, and the
+    balance (mean over max): the share of a K-device pipeline's time its slowest module leaves
+    the others, the bound of any pipelined algorithm on that split."""
+    parts = []
+    for k, m in modules.items():
+        if int(k) < 2:
+            continue
+        t = [f + b + s for f, b, s in zip(m["forward"], m["backward"], m["step"])]
+        parts.append(f"K={k} ({'+'.join(map(str, m['counts']))} blocks): "
+                     + " / ".join(f"{1e3 * v:.0f}" for v in t)
+                     + f" ms, balance {sum(t) / len(t) / max(t):.0%}")
+    return "; ".join(parts)

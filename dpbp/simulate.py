@@ -367,8 +367,11 @@ def simulate(algo: str, profile: Profile, num_batches: int, replicas: int = 1,
 
 
 def predict_speedup(algo: str, profile: Profile, replicas: int = 1, num_batches: int = 200,
-                    microbatches: int = 4, pipeline: str = "gpipe", overlap: bool = False) -> float:
-    """Simulated throughput over plain BP's on one device (`bp_one_device`), with
-    len(profile.forward) x replicas devices (ddp: replicas devices); arguments as `simulate`."""
+                    microbatches: int = 4, pipeline: str = "gpipe", overlap: bool = False,
+                    baseline: float | None = None) -> float:
+    """Simulated throughput over plain BP's on one device, with len(profile.forward) x replicas
+    devices (ddp: replicas devices); arguments as `simulate`. `baseline`: BP's seconds per batch
+    on one device when measured apart (the whole model timed as a unit), else
+    `bp_one_device(profile)`."""
     result = simulate(algo, profile, num_batches, replicas, microbatches, pipeline, overlap)
-    return result.speedup(bp_one_device(profile))
+    return result.speedup(bp_one_device(profile) if baseline is None else baseline)

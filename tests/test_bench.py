@@ -132,6 +132,51 @@ def test_run_length_prediction_counts_the_drain_and_not_the_fill():
         run_speedup("fdg", two, 8, 1)
 
 
+def test_a_measured_baseline_scales_the_speedup():
+    """BP's one-device time measured apart (the whole model as a unit) is the baseline, not the
+    modules' sum."""
+    two = Profile((1.5, 1.5), (3.0, 3.0), (0.5, 0.5))
+    for algo in ("bp", "fdg", "gpipe"):
+        assert predict_speedup(algo, two, baseline=8.0) == pytest.approx(
+            predict_speedup(algo, two) * 8.0 / 10.0)
+        assert run_speedup(algo, two, 8, 2, baseline=8.0) == pytest.approx(
+            run_speedup(algo, two, 8, 2) * 8.0 / 10.0)
+
+
+def test_predictions_time_each_module_as_a_unit(monkeypatch):
+    """The simulator gets one time per module, taken on the chained blocks, and BP's baseline
+    from the whole model: with every timed unit taking 1 s, whatever its size, BP on 2 modules
+    runs at 1/1.75 of the whole (a per-block sum would say otherwise), and the record
+    keeps each split's counts and module times."""
+    from dpbp.predict import module_balance, predict_rows
+    from dpbp.profile import BlockProfile
+
+    # a unit: forward 0.25 s, backward 0.5 s, step 0.25 s; BP on K modules waits for K forwards
+    # and K backwards per batch, only the step of module 1 is not hidden: (0.75 K + 0.25) s
+
+    def unit_seconds(blocks, x, y, lr=0.0, repeats=5):
+        n = len(blocks)
+        return BlockProfile([0.25] * n, [0.5] * n, [0.25] * n, [4] * n, [0] * n)
+
+    monkeypatch.setattr("dpbp.predict.profile_blocks", unit_seconds)
+    monkeypatch.setattr("dpbp.predict.profile_links",
+                        lambda sizes, device: ([0.0] * len(sizes), [0.0] * len(sizes)))
+    cfg = {"data": {"name": "synthetic", "shape": [1, 8, 8], "num_classes": 10},
+           "model": {"name": "resnet20"}, "batch_size": 4, "device": "cpu", "threads": 1,
+           "seed": 0, "algos": ["bp", "ddg"], "predict_gpus": [2, 3], "steps_per_epoch": 4,
+           "epochs": 2, "microbatches": 2, "split": "time"}
+    preds, record = predict_rows(cfg, [], splits={2: [4, 7]})
+    got = {(p["algo"], p["workers"]): p["speedup"] for p in preds}
+    assert got[("bp", 2)] == pytest.approx(1 / 1.75) and got[("bp", 3)] == pytest.approx(1 / 2.5)
+    assert 0.9 < got[("ddg", 2)] < 1.0  # one second per tick, less the fill and drain
+    assert record["modules"]["2"]["counts"] == [4, 7] and len(record["forward"]) == 11
+    assert record["modules"]["2"]["forward"] == [0.25, 0.25]
+    assert sum(record["modules"]["3"]["counts"]) == 11
+    assert module_balance({"2": {"counts": [4, 7], "forward": [0.1, 0.1],
+                                 "backward": [0.1, 0.2], "step": [0.0, 0.0]}}) == (
+        "K=2 (4+7 blocks): 200 / 300 ms, balance 83%")
+
+
 def test_time_budget_stops_before_a_repeat_that_would_not_fit(tmp_path, monkeypatch):
     """Each fake case takes 10 s of a fake clock: 3 cases are 30 s a repeat. A budget of 70 s
     runs 2 repeats (a third would end at 90 s); bench.json is written after every case."""
@@ -181,7 +226,8 @@ def test_split_by_time_is_profiled_once_and_given_to_every_multi_module_run(monk
     splits by its own default."""
     calls, given = [], []
     monkeypatch.setattr("dpbp.predict.split_counts",
-                        lambda cfg, modules: calls.append(modules) or {2: [4, 7], 3: [2, 4, 5]})
+                        lambda cfg, modules: (calls.append(modules) or {2: [4, 7], 3: [2, 4, 5]},
+                                                   None))
     monkeypatch.setattr(bench, "run_case", lambda cfg, case, repeat, out, balance=None: (
         given.append((case.name, balance)) or Measurement(case.algo, case.workers, repeat,
                                                           "completed", images_per_second=1.0)))
@@ -215,12 +261,13 @@ def test_split_counts_balance_the_profiled_time_or_the_flops():
            "model": {"name": "resnet20"}, "batch_size": 8, "device": "cpu", "threads": 1,
            "seed": 0}
     for by in ("time", "flops"):
-        counts = split_counts({**cfg, "split": by}, [2, 3])
+        counts, profile = split_counts({**cfg, "split": by}, [2, 3])
+        assert (profile is not None) == (by == "time")
         assert [len(c) for c in counts.values()] == [2, 3]
         assert all(sum(c) == 11 and min(c) >= 1 for c in counts.values())
     run = make_cfg("data=synthetic", "data.shape=[3,8,8]", "gpus=3", "algo=fdg")
     ds = load_dataset(run.data)
-    assert split_counts({**cfg, "split": "flops"}, [3])[3] == resolve_balance(
+    assert split_counts({**cfg, "split": "flops"}, [3])[0][3] == resolve_balance(
         run, build_blocks("resnet20", 3, 10), ds, ds.train_x.device)
 
 
