@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dpbp import algos, custom, schedule
+from dpbp.allocator import keep_freed_memory
 from dpbp.data import DataConfig, load_dataset, train_batch
 from dpbp.profile import BlockProfile, profile_blocks, profile_links
 from dpbp.simulate import Profile, bp_one_device, predict_speedup, simulate
@@ -65,7 +66,10 @@ def module_profile(prof: dict[str, list[float]], counts: list[int]) -> Profile:
 
 def bench_blocks(cfg: dict[str, Any]) -> tuple[list[Any], torch.Tensor, torch.Tensor, Any]:
     """The bench's model blocks on its device (seeded as a run seeds them), one batch of its
-    data (inputs, labels) and the dataset, with the bench's thread count set."""
+    data (inputs, labels) and the dataset, with the bench's thread count set and malloc tuned
+    as every run tunes it (allocator.py: with glibc's defaults ResNet-20 on this repo's CPU
+    profiled 10-15% slower than it trains, module 1 with its large activations most)."""
+    keep_freed_memory()
     data = {**cfg["data"], "train_size": cfg["batch_size"], "test_size": cfg["batch_size"]}
     if isinstance(data.get("shape"), list):
         data["shape"] = tuple(data["shape"])
