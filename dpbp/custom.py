@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -62,6 +63,8 @@ def locate(path: str, key: str) -> Callable[..., Any]:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)  # what `python -m` gives a script; spawned workers inherit it
+    hydra_log = logging.getLogger("hydra.utils")  # it logs the failure before raising it:
+    quiet, hydra_log.disabled = hydra_log.disabled, True  # ours is the one line the user sees
     try:
         obj = get_object(path)
     except Exception as e:
@@ -69,6 +72,8 @@ def locate(path: str, key: str) -> Callable[..., Any]:
         raise ConfigError(f"cannot import {key}={path} ({type(cause).__name__}: "
                           f"{first_line(cause)}); put its module "
                           f"in the directory you run dpbp from or on PYTHONPATH.") from None
+    finally:
+        hydra_log.disabled = quiet
     if not callable(obj):
         raise ConfigError(f"{key}={path} is a {type(obj).__name__}, not a function or class; "
                           "name the callable that builds it.")

@@ -5,6 +5,7 @@ numbers under executor=local and executor=dist, and one sentence (exit 2) for ea
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -134,6 +135,16 @@ def test_bad_custom_models_exit_2_with_one_line(user_dir, overrides, words, monk
     out, err = capsys.readouterr()
     assert words in assert_one_line_error(rc, out, err)
     assert not run_dir.exists()
+
+
+def test_a_failed_import_logs_nothing_beside_the_one_line(caplog):
+    """Hydra's get_object logs its own ERROR line before raising; the user sees dpbp's only."""
+    from dpbp.custom import locate
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError, match="cannot import"):
+        locate("no_such_package.build", "model._target_")
+    assert not caplog.records
+    assert not logging.getLogger("hydra.utils").disabled  # put back for everything else
 
 
 def test_model_keys_become_builder_arguments_only_for_a_target_model():
