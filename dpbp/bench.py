@@ -311,7 +311,7 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
                 break
             m = run_case(cfg, c, r, out, splits.get(c.modules))
             measurements.append(m)
-            what = (f"{m.images_per_second:8.0f} img/s" if m.status == "completed"
+            what = (f"{m.images_per_second:8.0f} {unit(cfg)}/s" if m.status == "completed"
                     else f"FAILED: {m.error}")
             console.print(f"repeat {r + 1}/{cfg['repeats']}  {c.name:<14} {what}",
                           highlight=False)
@@ -334,6 +334,11 @@ def run_bench(cfg: dict[str, Any], out: Path, console) -> dict[str, Any]:
                           "measurements are written without it.", highlight=False)
         write_outputs(result, out)
     return result
+
+
+def unit(cfg: dict[str, Any]) -> str:
+    """What a sample is, for the tables: sequences of tokens (data=text) or images."""
+    return "sequences" if cfg.get("data", {}).get("name") == "text" else "images"
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -377,13 +382,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}), torch {m['torch']}; "
         f"started {result['started']}. {done}; per run "
         f"{cfg['epochs']} epochs of {cfg['steps_per_epoch']} steps, the first untimed; "
-        f"{cfg['threads']} thread(s) per process on CPU. Median images/s over the repeats, "
+        f"{cfg['threads']} thread(s) per process on CPU. Median {unit(cfg)}/s over the repeats, "
         "min–max beside it. Predicted: the simulator's speedup for a run of this length "
         "(error = predicted / measured − 1) and for a long run (200 batches). Modules: "
         + ("the bench's split by the blocks' profiled time (blocks per module in brackets)."
            if cfg.get("split") == "time" else "split by counted flops (blocks in brackets)."),
         "",
-        "| algo | workers | modules x replicas | images/s | min–max | speedup | efficiency "
+        f"| algo | workers | modules x replicas | {unit(cfg)}/s | min–max | speedup | efficiency "
         "| ceiling speedup | vs ceiling | predicted (this run) | error | predicted (long run) "
         "| compute share per module | peak memory per module (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -485,7 +490,8 @@ def table(result: dict[str, Any]):
     t = Table(title="dpbp bench (median over repeats, min–max beside it)", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True)
     predicted = any(r.get("predicted_run_speedup") for r in result["rows"])
-    cols = ["algo", "W", "img/s", "min–max", "speedup", "vs ceil",
+    cols = ["algo", "W", "seq/s" if unit(result["config"]) == "sequences" else "img/s",
+            "min–max", "speedup", "vs ceil",
             *(["pred.", "error"] if predicted else [])]
     for col in cols:
         t.add_column(col, justify="left" if col == "algo" else "right", no_wrap=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dpbp.errors import ConfigError
-from dpbp.models import build_blocks
+from dpbp.models import build_blocks, options
 
 TARGET = "_target_"
 MISSING = "???"  # OmegaConf's mandatory value: conf/model/custom.yaml leaves _target_ to the user
@@ -170,18 +170,22 @@ def load_saved(path: str) -> list[nn.Module]:
     return as_blocks(blocks, f"the model saved in {path}")
 
 
-def section_blocks(section: dict[str, Any], in_channels: int, num_classes: int
-                   ) -> list[nn.Module]:
-    """The blocks of a `model` config section, built-in ({name}) or the user's ({_target_})."""
+def section_blocks(section: dict[str, Any], in_channels: int, num_classes: int,
+                   context: int | None = None) -> list[nn.Module]:
+    """The blocks of a `model` config section, built-in ({name, its own keys}) or the user's
+    ({_target_}); `context`: tokens per sample, for a language model."""
     if is_custom(section):
         return build(*split_section(section), in_channels, num_classes)
-    return build_blocks(section["name"], in_channels, num_classes)
+    own = {k: section[k] for k in options(section["name"]) if k in section}
+    return build_blocks(section["name"], in_channels, num_classes, context=context, **own)
 
 
 def section_overrides(section: dict[str, Any]) -> list[str]:
-    """The `dpbp train` overrides that select a `model` config section (e.g. for dpbp bench)."""
+    """The `dpbp train` overrides that select a `model` config section (e.g. for dpbp bench),
+    with a built-in model's own keys as the section has them."""
     if not is_custom(section):
-        return [f"model={section['name']}"]
+        return [f"model={section['name']}", *(f"model.{k}={json.dumps(section[k])}"
+                                              for k in options(section["name"]) if k in section)]
     path, args = split_section(section)
     return ["model=custom", f"model._target_={path}",
             *(f"++model.{k}={json.dumps(v)}" for k, v in args.items())]

@@ -79,7 +79,7 @@ def bench_blocks(cfg: dict[str, Any]) -> tuple[list[Any], torch.Tensor, torch.Te
         torch.set_num_threads(cfg["threads"])
     ds = load_dataset(DataConfig(**data), device, seed=cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    blocks = custom.section_blocks(cfg["model"], ds.in_channels, ds.num_classes)
+    blocks = custom.section_blocks(cfg["model"], ds.in_channels, ds.num_classes, ds.context)
     idx = torch.arange(cfg["batch_size"], device=device) % ds.train_x.shape[0]
     x, y = train_batch(ds, idx, torch.Generator(device=device).manual_seed(0))
     return blocks, x, y, ds

@@ -219,6 +219,25 @@ def test_runs_get_synthetic_data_sized_to_the_epoch():
     assert "split.balance=[4, 7]" in train_overrides(cfg, Case("fdg", 2), [4, 7])
 
 
+def test_a_language_model_is_benched_with_its_own_keys_and_context(tmp_path):
+    """model=gpt on data=text: the runs get the section's model keys (model.layers=...), the
+    profile builds the transformer for the text's context and vocabulary, and the tables count
+    sequences. Before, the profile raised a traceback and the runs dropped model.layers."""
+    from dpbp.predict import split_counts
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    model = {"name": "gpt", "layers": 2, "dim": 16, "heads": 2}
+    cfg = {"data": {"name": "text", "path": str(text), "context": 8, "test_fraction": 0.1},
+           "model": model, "batch_size": 4, "device": "cpu", "threads": 1, "seed": 0,
+           "steps_per_epoch": 2, "epochs": 2, "microbatches": 2, "train": [], "split": "time"}
+    args = train_overrides(cfg, Case("fdg", 2), [2, 2])
+    assert args[2:6] == ["model=gpt", "model.layers=2", "model.dim=16", "model.heads=2"]
+    counts, profile = split_counts(cfg, [2, 3])
+    assert counts[2] and sum(counts[2]) == 4 == len(profile.forward)  # embed, 2 blocks, head
+    assert bench.unit(cfg) == "sequences" and bench.unit({"data": {"name": "digits"}}) == "images"
+
+
 def test_split_by_time_is_profiled_once_and_given_to_every_multi_module_run(monkeypatch,
                                                                               tmp_path):
     """split=time: one profile in the bench's process, the same counts for every case with that

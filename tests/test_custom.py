@@ -220,6 +220,8 @@ def test_bench_and_predict_take_a_custom_model_section(user_dir):
                                                  .values()))
     assert custom.section_title(section) == f"{NETS}.build"
     assert custom.section_overrides({"name": "resnet20"}) == ["model=resnet20"]
+    assert custom.section_overrides({"name": "gpt", "layers": 2, "dim": 32}) == [
+        "model=gpt", "model.layers=2", "model.dim=32"]
 
 
 def test_saved_blocks_load_and_a_class_the_process_lacks_is_one_sentence(user_dir, monkeypatch):
