@@ -45,8 +45,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dpbp import checkpoint
-from dpbp.build import build_model, pick_device
-from dpbp.data import load_dataset, test_batches
+from dpbp.build import split_model
+from dpbp.data import test_batches
 from dpbp.errors import Divergence
 from dpbp.executor import Totals
 from dpbp.feed import Feed
@@ -252,14 +252,11 @@ class ThreadsRunner:
 
     def __init__(self, cfg, run_dir: Path, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.device = pick_device(cfg, ctx.local_rank)
-        if self.device.type == "cpu" and cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
+        split = split_model(cfg, ctx)  # one module: the whole model, shared by the threads
+        self.device, self.data = split.device, split.data
         self.world = cfg.gpus if ctx.distributed else 1
-        self.data = load_dataset(cfg.data, self.device, seed=cfg.seed)
-        self.model = nn.Sequential(*build_model(cfg, self.data)).to(self.device).train()
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        self.counts = [len(self.model)]
+        self.model = split.modules[0].to(self.device).train()
+        self.num_parameters, self.counts = split.num_parameters, split.counts
         self.feed = Feed(self.data, cfg.trainer.batch_size, cfg.seed, self.device, ctx.rank,
                          self.world, workers=cfg.data.loader_workers)
         self.steps = self.feed.steps

@@ -65,6 +65,8 @@ def resolve_balance(cfg: RunConfig, blocks: list[nn.Module], ds: Dataset,
     k = cfg.modules
     if cfg.split.balance is not None:
         return check_balance(cfg.split.balance, len(blocks))
+    if k == 1:  # nothing to balance (and nothing to profile)
+        return [len(blocks)]
     if k > len(blocks):
         balanced_counts([1.0] * len(blocks), k)  # raises the clear error
     if cfg.split.by == "time":

@@ -68,3 +68,25 @@ def test_block_times_are_measured_per_block():
     blocks = build_blocks("resnet20", 1, 10)
     times = block_times(blocks, torch.randn(8, 1, 8, 8), repeats=1)
     assert len(times) == len(blocks) and all(t > 0 for t in times)
+
+
+def test_one_module_is_the_whole_model_without_profiling(monkeypatch):
+    """K = 1 (bp on one device, every threads-family run): all blocks in one module, and
+    split.by=time measures nothing; a given split.balance is still checked."""
+    from conftest import make_cfg
+
+    from dpbp.build import resolve_balance
+    from dpbp.data import load_dataset
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("profiled blocks for one module")
+
+    monkeypatch.setattr("dpbp.build.block_times", no_profile)
+    monkeypatch.setattr("dpbp.build.block_flops", no_profile)
+    blocks = build_blocks("resnet20", 1, 10)
+    for algo in ("bp", "hogwild"):
+        cfg = make_cfg(f"algo={algo}", "gpus=1", "split.by=time")
+        assert resolve_balance(cfg, blocks, load_dataset(cfg.data), torch.device("cpu")) == [11]
+    with pytest.raises(ConfigError):
+        resolve_balance(make_cfg("gpus=1", "split.balance=[5]"), blocks, None,
+                        torch.device("cpu"))
