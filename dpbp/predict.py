@@ -3,10 +3,10 @@ algorithm's real schedule (simulate.py) on 1..W devices, including W beyond what
 
 The profile is taken in the bench's own process on one device with the bench's thread count, at
 the bench's batch size: forward, backward and optimizer step per block (to balance splits), then
-of each module of each split as one unit, and of the whole model for BP's baseline (per-block
-times add up to more than the module they form); the transfer of each boundary's activation and
-the all-reduce of the gradients are timed between two real processes (gloo on CPU, nccl on
-CUDA). Modules are cut as the bench's runs are cut (`split_counts`).
+of each module of each split as one unit, and of the whole model for BP's baseline, as the runs
+execute them; the transfer of each boundary's activation and the all-reduce of the gradients are
+timed between two real processes (gloo on CPU, nccl on CUDA). Modules are cut as the bench's
+runs are cut (`split_counts`).
 
 Two predictions per case: `speedup`, a long run (200 batches: fill and drain amortised), and,
 for synthetic data (whose epoch the bench sizes), `speedup_run`, a run as long as the bench's:
@@ -109,9 +109,8 @@ def split_counts(cfg: dict[str, Any], modules: list[int]
 
 def profile_modules(blocks: list[Any], counts: list[int], x: torch.Tensor, y: torch.Tensor
                     ) -> BlockProfile:
-    """Time each module of a split as one unit (its blocks chained). The sum of per-block
-    times over-states a module: each block timed alone pays its own autograd call and starts
-    with cold caches (ResNet-20 on this repo's CPU: blocks 535 ms per batch, whole model 500)."""
+    """Time each module of a split as one unit (its blocks chained), as a run executes it,
+    rather than as a sum of blocks each timed alone (each with its own autograd call)."""
     ends = list(accumulate(counts))
     return profile_blocks([nn.Sequential(*blocks[a:b]) for a, b in zip([0, *ends[:-1]], ends)],
                           x, y, repeats=5)
