@@ -22,7 +22,8 @@ updating. That is the asynchronous algorithms' semantics; stashing a copy per ba
 them synchronous in disguise. BatchNorm running statistics are likewise shared without locks.
 
 Across devices (gpus > 1, one process each, disjoint shards of every global batch), an averaging
-thread all-reduces the parameters every `algo.average_every` local steps, asynchronously to the
+thread all-reduces the parameters every `algo.average_every` local steps (the algorithm's
+`averages_after`: lpp_sgd also after every step in its first epochs), asynchronously to the
 compute threads; every epoch ends with one more average, then replica 0 evaluates.
 
 Staleness: per parameter tensor, the number of updates it received between the forward that read
@@ -35,6 +36,7 @@ import copy
 import math
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,8 @@ class _Span:
     an averaging thread (world > 1) all-reduces the parameters at its marks."""
 
     def __init__(self, sgd: AsyncSGD, feed, batches: range, forward_threads: int,
-                 backward_threads: int, average_every: int, world: int) -> None:
+                 backward_threads: int, average_after: Callable[[int], bool],
+                 world: int) -> None:
         self.sgd, self.feed, self.world = sgd, feed, world
         self.it, self.take = iter(batches), threading.Lock()
         self.q: queue.Queue = queue.Queue(maxsize=backward_threads)
@@ -176,7 +179,7 @@ class _Span:
         self.start_steps = sgd.steps
         # local steps (from the start of `batches`) after which to average
         self.marks = [m - batches.start for m in range(batches.start + 1, batches.stop + 1)
-                      if m % average_every == 0]
+                      if average_after(m)]
 
     def fail(self, e: BaseException) -> None:
         self.errors.append(e)
@@ -226,13 +229,14 @@ class _Span:
 
 
 def run_epoch(sgd: AsyncSGD, feed, batches: range, forward_threads: int, backward_threads: int,
-              average_every: int, world: int) -> None:
+              average_after: Callable[[int], bool], world: int) -> None:
     """Train on `batches` with the threads; return when every thread has finished.
 
     With world > 1, the parameters are averaged each time the global batch count passes a
-    multiple of `average_every` (every process runs the same ranges, so the collectives match).
+    count m with `average_after(m)` (the algorithm's `averages_after`; every process runs the
+    same ranges, so the collectives match).
     """
-    span = _Span(sgd, feed, batches, forward_threads, backward_threads, average_every, world)
+    span = _Span(sgd, feed, batches, forward_threads, backward_threads, average_after, world)
     threads = [threading.Thread(target=span.forward_loop) for _ in range(forward_threads)]
     threads += [threading.Thread(target=span.backward_loop, args=(j,))
                 for j in range(backward_threads)]
@@ -297,7 +301,8 @@ class ThreadsRunner:
     def run(self, start: int, stop: int) -> None:
         a = self.cfg.algo
         run_epoch(self.sgd, self.feed, range(start, stop), a.forward_threads,
-                  a.backward_threads, a.average_every, self.world)
+                  a.backward_threads, lambda done: a.averages_after(done, self.steps),
+                  self.world)
 
     def check(self, kept: str) -> None:
         if not math.isfinite(self.sgd.loss_sum):

@@ -65,8 +65,8 @@ def test_staleness_is_bounded_by_the_queue():
     """One forward and one backward thread: a forward runs at most two batches ahead (one
     waiting in the queue of size 1, one being computed), so no gradient is more than 2 stale."""
     sgd = AsyncSGD(model(), lr=0.1, momentum=0.9, weight_decay=1e-3, layerwise=False)
-    run_epoch(sgd, Feed(), range(40), forward_threads=1, backward_threads=1, average_every=10,
-              world=1)
+    run_epoch(sgd, Feed(), range(40), forward_threads=1, backward_threads=1,
+              average_after=lambda m: m % 10 == 0, world=1)
     stale = sgd.meter.summary()
     assert sgd.steps == 40 and all(s["max"] <= 2 for s in stale.values())
     assert all(torch.isfinite(p).all() for p in sgd.model.parameters())
@@ -76,8 +76,8 @@ def test_staleness_is_bounded_by_the_queue():
 def test_threads_finish_and_errors_surface(layerwise):
     before = threading.active_count()
     sgd = AsyncSGD(model(), lr=0.05, momentum=0.9, weight_decay=0.0, layerwise=layerwise)
-    run_epoch(sgd, Feed(), range(40), forward_threads=2, backward_threads=2, average_every=10,
-              world=1)
+    run_epoch(sgd, Feed(), range(40), forward_threads=2, backward_threads=2,
+              average_after=lambda m: m % 10 == 0, world=1)
     assert sgd.steps == 40 and sgd.seen == 40 * 8
     assert threading.active_count() == before  # every thread joined
 
@@ -89,7 +89,7 @@ def test_threads_finish_and_errors_surface(layerwise):
 
     with pytest.raises(ValueError, match="bad batch 7"):
         run_epoch(sgd, Broken(), range(40), forward_threads=2, backward_threads=2,
-                  average_every=10, world=1)
+                  average_after=lambda m: m % 10 == 0, world=1)
     assert threading.active_count() == before
 
 

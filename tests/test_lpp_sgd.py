@@ -117,6 +117,25 @@ def test_negative_warm_up_is_one_sentence():
         make_cfg("algo=lpp_sgd", "algo.partition_after=-1")
 
 
+def test_devices_average_after_every_step_in_the_first_dense_epochs():
+    """The code's --pre_post_epochs: averaging frequency 1 while the progress in epochs is below
+    it, then every average_every steps; pdasgd and hogwild never average densely. A span's
+    averaging marks follow the rule from the global batch count."""
+    from dpbp.asgd import _Span
+
+    lpp = make_cfg("algo=lpp_sgd", "algo.dense_average_epochs=2", "algo.average_every=5").algo
+    assert [m for m in range(1, 21) if lpp.averages_after(m, 4)] == [1, 2, 3, 4, 5, 6, 7, 8,
+                                                                     10, 15, 20]
+    assert make_cfg("algo=lpp_sgd").algo.dense_average_epochs == 0  # the code's default
+    pd = make_cfg("algo=pdasgd", "algo.average_every=5").algo
+    assert [m for m in range(1, 21) if pd.averages_after(m, 4)] == [5, 10, 15, 20]
+    span = _Span(AsyncSGD(nn.Linear(2, 2), 0.1, 0.0, 0.0, layerwise=False), None, range(4, 12),
+                 1, 1, lambda m: lpp.averages_after(m, 4), world=2)
+    assert span.marks == [1, 2, 3, 4, 6]  # batches 5..8 (dense), then the 10th
+    with pytest.raises(ConfigError, match=r"algo.dense_average_epochs=-1 must be >= 0"):
+        make_cfg("algo=lpp_sgd", "algo.dense_average_epochs=-1")
+
+
 def test_a_run_partitions_after_its_warm_up_and_checkpoints_every_threads_momentum(tmp_path):
     s = train(make_cfg("algo=lpp_sgd", "algo.partition_after=1", "trainer.epochs=2"), tmp_path)
     assert s["status"] == "completed" and s["updates"] == [s["steps"]]

@@ -22,6 +22,11 @@ class ThreadsConfig(AlgoConfig):
     layerwise: ClassVar[bool] = True  # update each layer as soon as its gradient exists
     thread_momentum: ClassVar[bool] = False  # one momentum buffer set per backward thread
 
+    def averages_after(self, done: int, steps_per_epoch: int) -> bool:
+        """Whether devices average their parameters once `done` batches (counted from the
+        start of training) are done: every `average_every`."""
+        return done % self.average_every == 0
+
     def partition(self, sizes: list[int], steps_per_epoch: int) -> Any:
         """Which tensors each backward thread updates (lpp_sgd); None: every thread all."""
         return None
