@@ -66,12 +66,12 @@ from dpbp.logs import RunLogger
 from dpbp.models import describe_blocks
 from dpbp.split import boundaries
 from dpbp.train import train
+from dpbp.user_data import FolderItems
 
 
 def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) -> list[int]:
     """Check devices, data, split, output directory and resume in this process; return the
     block counts per module."""
-    run = check_resume(cfg, run_dir) if cfg.resume and run_dir is not None else None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or auto.")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -82,6 +82,8 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
     if run_dir is not None:
         check_writable(run_dir)
     ds = load_dataset(cfg.data, "cpu", seed=cfg.seed)
+    keep_statistics(cfg, ds)
+    run = check_resume(cfg, run_dir) if cfg.resume and run_dir is not None else None
     steps = steps_per_epoch(ds, cfg.trainer.batch_size * cfg.algo.replicas)
     if run is not None:
         check_position(run, cfg, steps)
@@ -101,6 +103,14 @@ def preflight(cfg: RunConfig, quiet: bool = False, run_dir: Path | None = None) 
         print_split(cfg, blocks, counts, labels, aux_parameters(cfg, blocks, counts, ds))
         Console(stderr=True, highlight=False, soft_wrap=True).print(data_path(cfg, ds))
     return counts
+
+
+def keep_statistics(cfg: RunConfig, ds) -> None:
+    """A streamed image folder's normalisation statistics, just computed here in one pass over
+    its training images, go to the workers as data.mean/std: each would take that pass again
+    (and the run's saved config then holds the values it trained with)."""
+    if isinstance(ds.train_items, FolderItems) and (cfg.data.mean is None or cfg.data.std is None):
+        cfg.data.mean, cfg.data.std = ds.mean.tolist(), ds.std.tolist()
 
 
 def aux_parameters(cfg: RunConfig, blocks, counts: list[int], ds) -> list[int] | None:

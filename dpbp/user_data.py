@@ -249,8 +249,8 @@ def folder_statistics(items: FolderItems, mean: Any, std: Any, workers: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_statistics` of the images of `items` in one streaming pass (one image in memory per
     loader worker): per-channel sums of the pixels and their squares, exact in int64, give the
-    mean and std in [0, 1] units. Given values (data.mean, data.std) skip the pass (every
-    process of a run loads the data, so give them for a large folder)."""
+    mean and std in [0, 1] units. Given values (data.mean, data.std) skip the pass: a run's
+    pre-flight takes it once and hands the values to its workers (launch.keep_statistics)."""
     m = s = None
     if mean is None or std is None:
         total = torch.zeros(items.shape[0], dtype=torch.int64)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_cfg
 from PIL import Image
 from test_cli import assert_one_line_error, call_main
 
@@ -332,6 +333,39 @@ def test_a_streamed_folder_gives_the_in_memory_batches(layout, tmp_path):
                                 strict=True):
         assert torch.equal(x, sx) and torch.equal(y, sy)
     assert torch.equal(streamed.example(2), held.example(2))
+
+
+def test_the_parent_hands_a_streamed_folders_statistics_to_the_workers(tmp_path, monkeypatch):
+    """The pre-flight computes them in its one pass over the images and fills data.mean/std, so
+    a worker loading the data decodes no training image for them, and gets the same values."""
+    from dpbp.launch import preflight
+
+    write_folder(tmp_path)
+    opened: list[str] = []
+    real = user_data._open
+    monkeypatch.setattr(user_data, "_open", lambda p: (opened.append(p), real(p))[1])
+    cfg = make_cfg("data=imagefolder", f"data.root={tmp_path}", "data.stream=true",
+                   "data.loader_workers=0", "data.augment=none", "model=custom",
+                   f"model._target_={__name__}.tiny_blocks", "gpus=2", "trainer.batch_size=4")
+    assert cfg.data.mean is None
+    preflight(cfg, quiet=True)
+    parent = load_dataset(folder(tmp_path, stream=True, loader_workers=0))
+    assert cfg.data.mean == parent.mean.tolist() and cfg.data.std == parent.std.tolist()
+    opened.clear()
+    worker = load_dataset(cfg.data)
+    assert len(opened) == 1 + 6  # its first image (the shape) and the test split, no pass
+    assert torch.equal(worker.mean, parent.mean) and torch.equal(worker.std, parent.std)
+    given = make_cfg("data=imagefolder", f"data.root={tmp_path}", "data.stream=true",
+                     "data.mean=[0.5]", "data.std=[0.25]", "data.loader_workers=0",
+                     "model=custom", f"model._target_={__name__}.tiny_blocks",
+                     "trainer.batch_size=4")
+    preflight(given, quiet=True)
+    assert (given.data.mean, given.data.std) == ([0.5], [0.25])  # the user's stay
+
+
+def tiny_blocks(in_channels: int, num_classes: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 30, 8),
+                               torch.nn.Linear(8, num_classes))
 
 
 def test_a_streamed_folder_never_holds_its_decoded_training_set(tmp_path, monkeypatch):
