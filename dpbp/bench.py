@@ -22,14 +22,15 @@ default split (counted flops).
 
 Per row: images/s, speedup over BP on one worker, parallel efficiency (speedup / workers), the
 machine's ceiling (W independent one-worker BP processes side by side, no communication: the
-speedup the hardware allows) and efficiency against it, peak memory per module, and the share of
-time each module computed rather than waited (CPU runs; from the run's summary.json, warm-up
-included). With predict=true, each measured row also gets the simulator's speedup for a run of
-the same length (fill, drain and the untimed first epoch as in the run) and its error against the
-measurement. Output: a rich table, bench.json (every measurement and the rows), bench.md and
-bench.png (speedup vs workers, ideal and ceiling lines) in the bench's run directory; all of them
-are rewritten after every repeat, and bench.json after every case, so a bench that is stopped
-keeps what it measured.
+speedup the hardware allows) and efficiency against it (also per repeat, against that repeat's
+ceiling, lowest–highest: a drift of the machine moves both alike), peak memory per module, and
+the share of time each module computed rather than waited (CPU runs; from the run's
+summary.json, warm-up included). With predict=true, each measured row also gets the
+simulator's speedup for a run of the same length (fill, drain and the untimed first epoch as in
+the run) and its error against the measurement. Output: a rich table, bench.json (every
+measurement and the rows), bench.md and bench.png (speedup vs workers, ideal and ceiling lines)
+in the bench's run directory; all of them are rewritten after every repeat, and bench.json after
+every case, so a bench that is stopped keeps what it measured.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
 
     base = median_ips(Case(registry.reference().name, 1))
     ceiling = {c.workers: median_ips(c) for c in cases if c.algo == CEILING}
+    # each repeat's ceiling, for the share of it measured minutes apart rather than runs apart
+    ceiling_in = {(m.workers, m.repeat): m.images_per_second for m in measurements
+                  if m.algo == CEILING and m.status == "completed"}
     out = []
     for c in cases:
         ips = median_ips(c)
@@ -161,6 +165,9 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
         ceil = ceiling.get(c.workers) if c.workers > 1 else base
         ceil_speedup = ceil / base if ceil and base else None
         low, high, rel = spread([m.images_per_second for m in done])
+        paired = [m.images_per_second / ceiling_in[(m.workers, m.repeat)] for m in done
+                  if c.algo != CEILING and c.workers > 1 and (m.workers, m.repeat) in ceiling_in]
+        share_low, share_high, _ = spread(paired)
         out.append({
             "algo": c.algo, "workers": c.workers, "modules": c.modules, "replicas": c.replicas,
             "repeats": len(done), "failed": len(mine) - len(done),
@@ -172,6 +179,8 @@ def rows(cases: list[Case], measurements: list[Measurement]) -> list[dict[str, A
             "ceiling_speedup": ceil_speedup,
             "efficiency_vs_ceiling": speedup / ceil_speedup if speedup and ceil_speedup
             else None,
+            # images/s over the same repeat's ceiling, lowest and highest over the repeats
+            "vs_ceiling_min": share_low, "vs_ceiling_max": share_high,
             "peak_memory_bytes": done[len(done) // 2].peak_memory_bytes if done else [],
             "compute_share": done[len(done) // 2].compute_share if done else [],
             "split": done[len(done) // 2].split if done else [],
@@ -351,6 +360,12 @@ def _range(r: dict[str, Any]) -> str:
     return f"{low:.0f}–{high:.0f}" if low is not None and r["repeats"] > 1 else "–"
 
 
+def _share_of_ceiling(r: dict[str, Any]) -> str:
+    """A row's images/s over the same repeat's ceiling, "min–max" over the repeats."""
+    low, high = r.get("vs_ceiling_min"), r.get("vs_ceiling_max")
+    return "–" if low is None else f"{low:.0%}–{high:.0%}"
+
+
 def _share_range(r: dict[str, Any]) -> str:
     """The modules' compute shares as "lowest–highest%" (one module: its share)."""
     shares = [100 * s for s in r["compute_share"] if s is not None]
@@ -383,15 +398,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"started {result['started']}. {done}; per run "
         f"{cfg['epochs']} epochs of {cfg['steps_per_epoch']} steps, the first untimed; "
         f"{cfg['threads']} thread(s) per process on CPU. Median {unit(cfg)}/s over the repeats, "
-        "min–max beside it. Predicted: the simulator's speedup for a run of this length "
+        "min–max beside it; vs ceiling, per repeat: images/s over the ceiling measured in the "
+        "same repeat, lowest–highest (a drift that slows a whole repeat moves both alike). "
+        "Predicted: the simulator's speedup for a run of this length "
         "(error = predicted / measured − 1) and for a long run (200 batches). Modules: "
         + ("the bench's split by the blocks' profiled time (blocks per module in brackets)."
            if cfg.get("split") == "time" else "split by counted flops (blocks in brackets)."),
         "",
         f"| algo | workers | modules x replicas | {unit(cfg)}/s | min–max | speedup | efficiency "
-        "| ceiling speedup | vs ceiling | predicted (this run) | error | predicted (long run) "
-        "| compute share per module | peak memory per module (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ceiling speedup | vs ceiling | vs ceiling, per repeat | predicted (this run) | error "
+        "| predicted (long run) | compute share per module | peak memory per module (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         share = " / ".join("–" if s is None else f"{100 * s:.0f}%" for s in r["compute_share"])
@@ -402,7 +419,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_fmt(r['images_per_second'], '.0f')} | {_range(r)} "
             f"| {_fmt(r['speedup'], '.2f')}× "
             f"| {_fmt(r['efficiency'], '.0%')} | {_fmt(r['ceiling_speedup'], '.2f')}× "
-            f"| {_fmt(r['efficiency_vs_ceiling'], '.0%')} "
+            f"| {_fmt(r['efficiency_vs_ceiling'], '.0%')} | {_share_of_ceiling(r)} "
             f"| {_fmt(r.get('predicted_run_speedup'), '.2f')} | {_error(r)} "
             f"| {_fmt(predicted.get((r['algo'], r['workers'])), '.2f')} "
             f"| {share or '–'} | {mem or '–'} |")

@@ -87,10 +87,26 @@ def test_rows_speedup_efficiency_and_ceiling_use_medians():
                      "machine": {"host": "h", "platform": "p", "cpus": 2, "torch": "t"},
                      "started": "now", "rows": [bp, fdg, ceiling],
                      "predictions": [{"algo": "fdg", "workers": 2, "speedup": 1.9}]})
-    assert ("| fdg | 2 | 2 x 1 | 200 | 125–200 | 2.00× | 100% | 2.00× | 100% | 1.80 | -10% "
-            "| 1.90 |") in text
-    assert ("| ceiling | 2 | 1 x 2 | 200 | 200–200 | 2.00× | 100% | 2.00× | 100% | – | – "
+    assert ("| fdg | 2 | 2 x 1 | 200 | 125–200 | 2.00× | 100% | 2.00× | 100% | 62%–100% | 1.80 "
+            "| -10% | 1.90 |") in text
+    assert ("| ceiling | 2 | 1 x 2 | 200 | 200–200 | 2.00× | 100% | 2.00× | 100% | – | – | – "
             "| – |") in text
+
+
+def test_the_share_of_the_ceiling_is_also_paired_within_each_repeat():
+    """A drift that slows a whole repeat moves the algorithm and that repeat's ceiling alike:
+    per repeat the share is 80% and 100%, where the medians alone would give 350 / 400."""
+    cases = [Case("bp", 1), Case("fdg", 2), Case(CEILING, 2, 2)]
+    ms = [measurement(Case("bp", 1), r, [summary([0, 1], [0, 250])], "") for r in (0, 1)]
+    ms += [measurement(Case("fdg", 2), r, [summary([0, 1], [0, ips])], "")
+           for r, ips in enumerate((400, 300))]
+    ms += [measurement(Case(CEILING, 2, 2), r, [summary([0, 1], [0, ips / 2])] * 2, "")
+           for r, ips in enumerate((500, 300))]
+    ms.append(measurement(Case("fdg", 2), 2, [summary([0, 1], [0, 10])], ""))  # no ceiling
+    bp, fdg, ceiling = rows(cases, ms)
+    assert (fdg["vs_ceiling_min"], fdg["vs_ceiling_max"]) == (0.8, 1.0)
+    assert fdg["efficiency_vs_ceiling"] == pytest.approx(300 / 400)  # medians: 300 of 10/300/400
+    assert bp["vs_ceiling_min"] is None and ceiling["vs_ceiling_min"] is None
 
 
 def test_spread_is_min_max_over_the_median():
