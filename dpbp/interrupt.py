@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,10 @@ class StopRequest:
         """The process enters `phase` (a lifecycle.Phase) of `epoch` (1-based; None: none)."""
         if (phase, epoch) == (self.phase, self.epoch):
             return
+        if self.signum is not None and not self.watched and getattr(phase, "polled", False):
+            # the handler's Stopped was swallowed (raised inside a finalizer or an import-lock
+            # callback, which Python reports and drops): stop here, before the run begins
+            raise Stopped(self.signum, self.phase)
         self.phase, self.epoch = phase, epoch
         self.watched = self.watched or bool(getattr(phase, "polled", False))
         if self.listener is not None:
@@ -91,11 +96,17 @@ def install(request: StopRequest, grace_s: float | None = None) -> Callable[[], 
         if not first and grace_s is None:
             raise KeyboardInterrupt
 
+    def unraisable(u: Any) -> None:
+        if not isinstance(u.exc_value, Stopped):  # a dropped Stopped: `request` holds it
+            hook(u)
+
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
 
     def restore() -> None:
         for s, h in previous.items():
             signal.signal(s, h)
+        sys.unraisablehook = hook
 
     return restore
 

@@ -94,6 +94,35 @@ def test_a_signal_stops_start_up_at_once_and_training_at_a_checked_chunk(tmp_pat
                 t.cancel()
 
 
+def test_a_stop_swallowed_by_a_finalizer_is_raised_before_the_run_begins(capsys):
+    """A signal during start-up that lands inside a finalizer (or an import-lock callback):
+    Python drops the handler's Stopped there. Nothing is printed for it, the request keeps it,
+    and the process stops when it would begin polling, as if the exception had gone through.
+    (Seen once in CI: SIGINT while a worker imported, a traceback on stderr.)"""
+    from dpbp.interrupt import StopRequest, install
+
+    class SignalledWhileDying:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):  # the handler runs here, inside the finalizer
+                pass
+
+    stop, before = StopRequest(), sys.unraisablehook
+    stop.enter(Phase.STARTUP)
+    restore = install(stop)
+    try:
+        SignalledWhileDying()  # collected at once: the Stopped raised in __del__ is dropped
+        assert stop.signum == signal.SIGINT
+        stop.enter(Phase.STARTUP)  # not a polled phase: still starting
+        with pytest.raises(Stopped) as e:
+            stop.enter(Phase.EVALUATION, 0)
+        assert (e.value.signum, e.value.phase) == (signal.SIGINT, Phase.STARTUP)
+    finally:
+        restore()
+    assert "Traceback" not in capsys.readouterr().err
+    assert sys.unraisablehook is before  # put back
+
+
 # -- naming the cause --------------------------------------------------------------------------
 
 
