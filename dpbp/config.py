@@ -194,7 +194,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"model={model.get('name')} takes only {takes}; got the keys "
                               f"{sorted(model)} (model=custom passes its keys to a network of "
                               "your own).")
-        d["model_options"] = {k: model[k] for k in own if k in model}
+        d["model_options"] = custom.own_options(model)
         model = model["name"]
     data = dict(d.pop("data", {}))
     if isinstance(data.get("shape"), list):  # YAML has no tuples; anything else fails the check

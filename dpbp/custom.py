@@ -55,6 +55,12 @@ def split_section(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return path, args
 
 
+def own_options(section: dict[str, Any]) -> dict[str, Any]:
+    """A built-in model section's own keys (`{name, layers, ...}` -> `{layers: ...}`), as its
+    builder takes them (models.options)."""
+    return {k: section[k] for k in options(str(section.get("name"))) if k in section}
+
+
 def locate(path: str, key: str) -> Callable[..., Any]:
     """The object at dotted `path`, imported with the working directory on sys.path; `key` is
     the setting that named it (for the error)."""
@@ -176,16 +182,16 @@ def section_blocks(section: dict[str, Any], in_channels: int, num_classes: int,
     ({_target_}); `context`: tokens per sample, for a language model."""
     if is_custom(section):
         return build(*split_section(section), in_channels, num_classes)
-    own = {k: section[k] for k in options(section["name"]) if k in section}
-    return build_blocks(section["name"], in_channels, num_classes, context=context, **own)
+    return build_blocks(section["name"], in_channels, num_classes, context=context,
+                        **own_options(section))
 
 
 def section_overrides(section: dict[str, Any]) -> list[str]:
     """The `dpbp train` overrides that select a `model` config section (e.g. for dpbp bench),
     with a built-in model's own keys as the section has them."""
     if not is_custom(section):
-        return [f"model={section['name']}", *(f"model.{k}={json.dumps(section[k])}"
-                                              for k in options(section["name"]) if k in section)]
+        return [f"model={section['name']}",
+                *(f"model.{k}={json.dumps(v)}" for k, v in own_options(section).items())]
     path, args = split_section(section)
     return ["model=custom", f"model._target_={path}",
             *(f"++model.{k}={json.dumps(v)}" for k, v in args.items())]
